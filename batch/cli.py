@@ -1,0 +1,193 @@
+"""The `batch` command line: thin wrappers that parse options and hand them to the stage modules.
+
+Heavy imports (torch) happen inside the commands, so `batch --help` is instant and the stop signals
+are caught before torch takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+import batch
+from batch.stopping import StopRequest
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr
+    )
+
+
+class Triple(click.ParamType):
+    name = "R,G,B"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(part) for part in value.split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 3:
+            self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
+        return numbers
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(batch.__version__, prog_name="batch")
+def main() -> None:
+    """Classify folders of images with a pretrained model into a Parquet dataset."""
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (a Parquet dataset).")
+@click.option("--model", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0, a torchvision model name, or a TorchScript / torch.export file.")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="A torchvision weights name (DEFAULT, IMAGENET1K_V2...), a state-dict file, or 'none' (untrained).")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Class names, one per line.")
+@click.option("--resize", type=click.IntRange(1), help="Override: resize the shorter side to this.")
+@click.option("--crop", type=click.IntRange(1), help="Override: centre crop size.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Override: resize filter.")
+@click.option("--mean", type=Triple(), help="Override: per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406.")
+@click.option("--std", type=Triple(), help="Override: per-channel std on the 0-1 scale.")
+@click.option("--topk", default=5, show_default=True, type=int, help="Classes kept per image.")
+@click.option("--batch-size", type=int, help="Images per model call  [default: 256 on a GPU, 64 on CPU]")
+@click.option("--workers", type=int, help="Decoding processes  [default: SLURM_CPUS_PER_TASK, else usable CPUs]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="auto: bf16 on a GPU that has it, fp32 on CPU.")
+@click.option("--num-shards", type=click.IntRange(1), help="Split the inputs into this many shards  [default: from Slurm]")
+@click.option("--shard-index", type=click.IntRange(0), help="The shard this run takes  [default: from Slurm]")
+@click.option("--embeddings", is_flag=True, help="Also store penultimate-layer features (float16).")
+@click.option("--overwrite", is_flag=True, help="Replace this shard's earlier results, even of another configuration.")
+@click.option("--strict", is_flag=True, help="Exit 3 if any input could not be classified (after writing).")
+@click.option("--max-error-rate", type=float, help="Exit 3 once more than this fraction of inputs fail.")
+@click.option("--commit-every", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds between commits: at most this much work is lost to a kill.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
+def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
+             resize: int | None, crop: int | None, interpolation: str | None, mean, std, num_shards: int | None,
+             shard_index: int | None, verbose: bool, **options) -> None:  # fmt: skip
+    """Classify the images in SOURCES (folders, image files, @lists, manifests) into OUTPUT.
+
+    \b
+    Exit status: 0 done (bad files have rows with `error` set); 2 bad arguments;
+    3 --strict or --max-error-rate breached (results written); 75 stopped by SIGTERM/SIGUSR1
+    after committing: run the same command again to go on.
+    """
+    stop = StopRequest().install()
+    _setup_logging(verbose)
+    from batch.environment import Shard
+    from batch.models import ModelError, PreprocessOverrides
+    from batch.pipeline import ClassifyOptions, execute, plan
+
+    if (num_shards is None) != (shard_index is None):
+        raise click.UsageError("--num-shards and --shard-index go together")
+    try:
+        shard = Shard(shard_index, num_shards) if num_shards is not None else None
+        run = plan(
+            ClassifyOptions(
+                sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
+                overrides=PreprocessOverrides(resize, crop, interpolation, mean, std), shard=shard, **options,
+            ),
+            _environment(),
+        )  # fmt: skip
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        status = execute(run, stop)
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+    sys.exit(status)
+
+
+def _environment():
+    from batch.environment import JobEnvironment
+
+    return JobEnvironment()
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
+def index(sources: tuple[str, ...], output: str) -> None:
+    """Walk SOURCES once and write the sorted inputs (path, size, mtime) to a Parquet manifest.
+
+    Pass the manifest to `batch classify` so array tasks need not walk the tree themselves.
+    """
+    from batch.sources import SourceError, check_sources, collect, write_manifest
+
+    try:
+        check_sources(sources)
+        paths = collect(sources)
+    except SourceError as error:
+        raise click.UsageError(str(error)) from None
+    write_manifest(paths, output)
+    click.echo(f"indexed {len(paths)} images into {output}")
+
+
+@main.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
+              help="Check that every input of this manifest has exactly one row.")
+@click.option("--top", default=10, show_default=True, help="How many labels to list.")
+def summary(output: str, manifest: str | None, top: int) -> None:
+    """Rows, errors by kind, top labels and throughput of a results directory.
+
+    Exits 1 if a path has more than one row, or (with --manifest) if any input has none.
+    """
+    from batch.summary import summarize
+
+    report, healthy = summarize(output, manifest, top)
+    click.echo(report)
+    sys.exit(0 if healthy else 1)
+
+
+@main.group()
+def weights() -> None:
+    """Stage torchvision weights for compute nodes without network access."""
+
+
+@weights.command("pull")
+@click.argument("model")
+@click.option("--weights", "weights_name", default="DEFAULT", show_default=True, help="Weights name.")
+def weights_pull(model: str, weights_name: str) -> None:
+    """Download MODEL's weights into the torch cache ($TORCH_HOME/hub/checkpoints)."""
+    from batch.models import ModelError, pull_weights
+
+    try:
+        click.echo(pull_weights(model, weights_name))
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@weights.command("list")
+@click.argument("model", required=False)
+@click.option("--all", "show_all", is_flag=True, help="List every model name.")
+def weights_list(model: str | None, show_all: bool) -> None:
+    """Weights in the torch cache, or each of MODEL's weights and whether it is staged."""
+    from batch.models import ModelError, describe_weights
+
+    try:
+        click.echo(describe_weights(model, show_all))
+    except ModelError as error:
+        raise click.UsageError(str(error)) from None
+
+
+@main.command()
+@click.option("--expect-gpu/--no-expect-gpu", default=None,
+              help="Fail without a visible GPU  [default: when Slurm allotted GPUs]")
+def doctor(expect_gpu: bool | None) -> None:
+    """Check torch, CUDA and GPUs, cache directories, Slurm and container context."""
+    from batch.doctor import diagnose
+
+    report, healthy = diagnose(_environment(), expect_gpu)
+    click.echo(report)
+    sys.exit(0 if healthy else 1)

@@ -1,0 +1,188 @@
+"""Decode and preprocess: one file in, either a uint8 crop ready for the model or a clear error.
+
+Runs in the loader's worker processes. It never raises for a bad file: a truncated JPEG, an HTML page
+named .jpg or a decompression bomb each come back as an error message, and the run goes on.
+Pixels stay uint8 (HWC, which is channels_last for the model); normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit: about 179 Mpx, a 16000x11000 picture
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we reject above the limit ourselves
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS_THAT_SWAP_SIDES = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize`, centre-crop `crop`, then (pixel - mean) / std on the 0-255 scale."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if not 0 < self.crop <= self.resize:
+            raise ValueError(f"the crop ({self.crop}) must be positive and no larger than the resize ({self.resize})")
+
+    def describe(self) -> dict:
+        return {
+            "resize_shorter_side": self.resize,
+            "center_crop": self.crop,
+            "interpolation": self.interpolation,
+            "mean_0_255": list(self.mean),
+            "std_0_255": list(self.std),
+        }
+
+
+@dataclass
+class Decoded:
+    """What the worker hands back for one file: pixels, or an error, never both."""
+
+    index: int
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+
+def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
+    problem = _unreadable(path)
+    if problem:
+        return Decoded(index, error=problem)
+    try:
+        with Image.open(path) as image:
+            width, height = _upright_size(image)
+            if width * height > MAX_PIXELS:
+                return Decoded(index, error=_too_large(width, height))
+            pixels = _preprocess(image, preprocess)
+    except Image.DecompressionBombError:
+        return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
+    except UnidentifiedImageError:
+        return Decoded(index, error=_not_an_image(path))
+    except OSError as error:
+        message = str(error)
+        if "truncated" in message or "broken data stream" in message:
+            return Decoded(index, error=f"truncated: {message}")
+        return Decoded(index, error=f"decode error: {message or type(error).__name__}")
+    except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
+        return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
+    return Decoded(index, pixels, width, height)
+
+
+def _unreadable(path: str) -> str | None:
+    """Problems we can name before Pillow opens the file (and before a FIFO could block us)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"not found: dangling symlink to {os.readlink(path)}"
+        return "not found: the file no longer exists"
+    except OSError as error:
+        return _os_error(error)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file: a device, FIFO or socket has no picture to read"
+    if info.st_size == 0:
+        return "empty file: 0 bytes"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        return _os_error(error)
+    return None
+
+
+def _os_error(error: OSError) -> str:
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied: the file cannot be read"
+    return f"read error: {error.strerror or error}"
+
+
+def _not_an_image(path: str) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "not an image: the file is HTML or XML (a saved error page?)"
+    try:
+        head.decode("utf-8")
+        return "not an image: the file is text"
+    except UnicodeDecodeError:
+        return "not an image: unrecognised format"
+
+
+def _too_large(width: int, height: int) -> str:
+    return (
+        f"too large: {width}x{height} is {width * height / 1e6:.0f} Mpx, over the "
+        f"{MAX_PIXELS / 1e6:.0f} Mpx limit (decompression bomb?)"
+    )
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    if image.getexif().get(EXIF_ORIENTATION) in ORIENTATIONS_THAT_SWAP_SIDES:
+        return height, width
+    return width, height
+
+
+def _preprocess(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+    if image.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 scale while the result keeps at least twice the pixels the resize
+        # needs; the antialiased resize that follows then sees almost the same picture, much cheaper.
+        side = 2 * preprocess.resize
+        image.draft("RGB", (side, side))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    rgb = _to_rgb(image)
+    return np.asarray(_resize_and_crop(rgb, preprocess))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit scaled, not clipped; transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _resize_and_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """torchvision's Resize(shorter side) then CenterCrop, done as one resize of just the cropped box."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(preprocess.resize * long / short)  # torchvision truncates the same way
+    new_width, new_height = (preprocess.resize, new_long) if width <= height else (new_long, preprocess.resize)
+    crop = preprocess.crop  # never more than either side: Preprocess keeps crop <= resize
+    left = int(round((new_width - crop) / 2.0))
+    top = int(round((new_height - crop) / 2.0))
+    scale_x, scale_y = width / new_width, height / new_height
+    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
+    return image.resize((crop, crop), INTERPOLATIONS[preprocess.interpolation], box=box)

@@ -1,0 +1,128 @@
+"""The one place that reads the job's surroundings: Slurm, the container, the CPUs we may use.
+
+Everything else asks a `JobEnvironment`, so tests can hand it a plain dict instead of patching os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping
+
+IMAGE_VERSION_VARIABLE = "BATCH_IMAGE_VERSION"
+
+
+class ShardingError(ValueError):
+    """The Slurm variables do not describe a shard we can compute."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ShardingError(f"the number of shards must be at least 1, not {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ShardingError(f"shard index {self.index} is outside 0..{self.count - 1}")
+
+    def slice(self, items: list) -> list:
+        """Contiguous, balanced slices: every item lands in exactly one shard, neighbours stay together."""
+        total = len(items)
+        return items[self.index * total // self.count : (self.index + 1) * total // self.count]
+
+
+@dataclass(frozen=True)
+class JobEnvironment:
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def _int(self, name: str) -> int | None:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ShardingError(f"{name}={value!r} is not an integer") from None
+
+    @property
+    def in_slurm(self) -> bool:
+        return "SLURM_JOB_ID" in self.env
+
+    @property
+    def job_id(self) -> str | None:
+        return self.env.get("SLURM_JOB_ID")
+
+    @property
+    def array_job_id(self) -> str | None:
+        return self.env.get("SLURM_ARRAY_JOB_ID")
+
+    @property
+    def array_task_id(self) -> str | None:
+        return self.env.get("SLURM_ARRAY_TASK_ID")
+
+    @property
+    def image_version(self) -> str | None:
+        """Set by our container image, so results record which image made them."""
+        return self.env.get(IMAGE_VERSION_VARIABLE) or None
+
+    @property
+    def host(self) -> str:
+        return self.env.get("SLURMD_NODENAME") or socket.gethostname()
+
+    def cpus(self) -> int:
+        """CPUs this task may use: Slurm's allocation first, then this process's affinity mask."""
+        allotted = self._int("SLURM_CPUS_PER_TASK")
+        if allotted:
+            return allotted
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
+    def gpus_expected(self) -> bool:
+        """Whether the scheduler handed this job GPUs, so a job without a visible one is broken."""
+        for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK"):
+            value = self.env.get(name, "").strip()
+            if value and value not in ("0", "none"):
+                return True
+        for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+            if self.env.get(name, "").strip():
+                return True
+        return False
+
+    def shard(self) -> Shard | None:
+        """The shard a Slurm array task (times the srun task within it) should take, or None outside Slurm.
+
+        Arrays need not start at 0 or step by 1 (--array=1-31:2 gives tasks 1, 3, ..., 31), so the
+        index is counted from SLURM_ARRAY_TASK_MIN in steps of SLURM_ARRAY_TASK_STEP.
+        """
+        array = self._array_shard()
+        tasks = self._int("SLURM_NTASKS")
+        procid = self._int("SLURM_PROCID")
+        step = Shard(procid, tasks) if tasks and tasks > 1 and procid is not None else None
+        if array and step:
+            return Shard(array.index * step.count + step.index, array.count * step.count)
+        return array or step
+
+    def _array_shard(self) -> Shard | None:
+        task = self._int("SLURM_ARRAY_TASK_ID")
+        if task is None:
+            return None
+        count = self._int("SLURM_ARRAY_TASK_COUNT")
+        first = self._int("SLURM_ARRAY_TASK_MIN")
+        if count is None or first is None:
+            raise ShardingError(
+                "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT or SLURM_ARRAY_TASK_MIN is not; "
+                "pass --num-shards and --shard-index"
+            )
+        stride = self._int("SLURM_ARRAY_TASK_STEP") or 1
+        offset = task - first
+        if offset % stride:
+            raise ShardingError(
+                f"array task {task} is not on the grid {first}+k*{stride}: irregular arrays "
+                "(--array=1,4,9) need explicit --num-shards and --shard-index"
+            )
+        return Shard(offset // stride, count)

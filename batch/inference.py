@@ -1,0 +1,117 @@
+"""The model stage: uint8 batches in, top-k classes (and optionally embeddings) out.
+
+Pixels arrive as uint8 NHWC, which is NCHW in channels_last memory; they are copied to the device as
+uint8 (a quarter of the bytes of float32) and normalised there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batch.models import ModelSpec
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceError(ValueError):
+    """The requested device or precision is not available here."""
+
+
+def choose_device(requested: str) -> torch.device:
+    """'auto' is the GPU when one is visible; an explicit CUDA request without one fails now, not later."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {requested}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, the driver, or "
+                "`--nv` for Apptainer / `--device nvidia.com/gpu=all` for Podman?); `batch doctor` tells more"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {requested!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """'auto' is bf16 on a GPU that has it, else fp32."""
+    if requested != "auto":
+        if requested not in PRECISIONS:
+            raise DeviceError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+@dataclass
+class Predictions:
+    topk_ids: np.ndarray  # (n, k) int32
+    topk_scores: np.ndarray  # (n, k) float32, descending
+    embeddings: np.ndarray | None  # (n, d) float16
+
+
+class Classifier:
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str, topk: int, embeddings: bool):
+        if embeddings and not spec.supports_embeddings:
+            raise DeviceError(f"--embeddings is not available for {spec.name}: a model file hides its layers")
+        self.device = device
+        self.precision = precision
+        self.topk = min(topk, len(spec.labels))
+        self.network = spec.load().to(device)
+        if device.type == "cuda":
+            self.network = self.network.to(memory_format=torch.channels_last)
+        preprocess = spec.preprocess
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+        self._features: torch.Tensor | None = None
+        if embeddings:
+            self._hook_penultimate_layer(spec.name)
+
+    def _hook_penultimate_layer(self, name: str) -> None:
+        """The embedding is the input of the last Linear layer, the classifier head, in every model we build."""
+        heads = [module for module in self.network.modules() if isinstance(module, torch.nn.Linear)]
+        if not heads:
+            raise DeviceError(f"--embeddings is not available for {name}: it has no linear classifier head")
+
+        def keep_input(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self._features = inputs[0].flatten(1)
+
+        heads[-1].register_forward_pre_hook(keep_input)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    @torch.inference_mode()
+    def predict(self, pixels: torch.Tensor) -> Predictions:
+        """pixels: uint8 (n, h, w, 3)."""
+        batch = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        batch = (batch - self.mean) / self.std
+        with self._autocast():
+            logits = self.network(batch)
+        if isinstance(logits, (tuple, list)):  # some models return (logits, aux)
+            logits = logits[0]
+        probabilities = logits.float().softmax(dim=1)
+        scores, ids = probabilities.topk(self.topk, dim=1)
+        features = None
+        if self._features is not None:
+            features = self._features.to(torch.float16).cpu().numpy()
+            self._features = None
+        return Predictions(ids.to(torch.int32).cpu().numpy(), scores.cpu().numpy(), features)

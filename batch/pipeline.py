@@ -1,0 +1,269 @@
+"""The classify run: sources -> decode (loader workers) -> model -> writer -> shard commit.
+
+`plan` checks everything that can be wrong with the arguments, cheapest first, and creates nothing
+but the output directory (and that only after the model and device are known to be usable).
+`execute` then walks the sources, takes this shard's slice, skips what earlier runs finished, and
+streams the rest through the stages, committing a chunk every `commit_every` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+import batch
+from batch import commit, models, sources
+from batch.decode import Decoded, Preprocess, decode
+from batch.environment import JobEnvironment, Shard
+from batch.inference import Classifier, choose_device, choose_precision, device_name
+from batch.progress import Progress, format_duration
+from batch.stopping import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals
+from batch.writer import ChunkWriter, RowBuilder
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_BAD_INPUTS = 3  # finished and committed, but --strict or --max-error-rate was breached
+MIN_FILES_FOR_EARLY_ERROR_RATE = 100
+EXAMPLE_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    sources: tuple[str, ...]
+    output: str
+    model: str = models.DEFAULT_MODEL
+    weights: str = models.DEFAULT_WEIGHTS
+    labels_file: str | None = None
+    overrides: models.PreprocessOverrides = models.PreprocessOverrides()
+    topk: int = 5
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    shard: Shard | None = None
+    embeddings: bool = False
+    overwrite: bool = False
+    strict: bool = False
+    max_error_rate: float | None = None
+    commit_every: float = 60.0
+
+
+@dataclass
+class Plan:
+    options: ClassifyOptions
+    spec: models.ModelSpec
+    device: torch.device
+    precision: str
+    shard: Shard
+    workers: int
+    batch_size: int
+    env: JobEnvironment
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.spec.identity(), "topk": self.options.topk, "embeddings": self.options.embeddings}
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "batch_version": batch.__version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+            "weights_file": self.spec.weights_file,
+            "untrained": self.spec.untrained,
+            "labels": self.spec.labels,
+            "device": str(self.device),
+            "device_name": device_name(self.device),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "host": self.env.host,
+            "slurm_job_id": self.env.job_id,
+            "slurm_array_job_id": self.env.array_job_id,
+            "slurm_array_task_id": self.env.array_task_id,
+            "image_version": self.env.image_version,
+            "shard": {"index": self.shard.index, "count": self.shard.count},
+        }
+
+
+def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
+    """Validate the arguments before any work; raises a ValueError subclass naming what is wrong."""
+    if options.topk < 1:
+        raise ValueError(f"--topk must be at least 1, not {options.topk}")
+    if options.max_error_rate is not None and not 0 <= options.max_error_rate <= 1:
+        raise ValueError(f"--max-error-rate is a fraction between 0 and 1, not {options.max_error_rate}")
+    sources.check_sources(options.sources)
+    spec = models.resolve(options.model, options.weights, options.labels_file, options.overrides)
+    device = choose_device(options.device)
+    precision = choose_precision(options.precision, device)
+    shard = options.shard or env.shard() or Shard(0, 1)
+    commit.check_writable(options.output)
+    workers = env.cpus() if options.workers is None else options.workers
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
+    batch_size = options.batch_size or (256 if device.type == "cuda" else 64)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    return Plan(options, spec, device, precision, shard, workers, batch_size, env)
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[str], preprocess: Preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Decoded:
+        return decode(index, self.paths[index], self.preprocess)
+
+
+@dataclass
+class Batch:
+    items: list[Decoded]
+    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order
+
+    def pin_memory(self) -> "Batch":
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[Decoded]) -> Batch:
+    good = [item.pixels for item in items if item.pixels is not None]
+    pixels = torch.from_numpy(np.stack(good)) if good else None
+    for item in items:
+        item.pixels = None  # travel once, inside the stacked tensor
+    return Batch(items, pixels)
+
+
+def _worker_init(_worker_id: int) -> None:
+    ignore_stop_signals()
+    torch.set_num_threads(1)
+
+
+@dataclass
+class Tally:
+    processed: int = 0
+    errors: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, paths: list[str], items: list[Decoded]) -> int:
+        failures = [(path, item.error) for path, item in zip(paths, items) if item.error]
+        self.processed += len(items)
+        self.errors += len(failures)
+        room = EXAMPLE_ERRORS - len(self.examples)
+        self.examples.extend(f"{path}: {error}" for path, error in failures[: max(room, 0)])
+        return len(failures)
+
+    @property
+    def rate(self) -> float:
+        return self.errors / self.processed if self.processed else 0.0
+
+
+def execute(run: Plan, stop: StopRequest) -> int:
+    options = run.options
+    started = time.monotonic()
+    everything = sources.collect(options.sources)
+    mine = run.shard.slice(everything)
+    output = commit.OutputDir(options.output, run.shard, run.identity())
+    finished = output.prepare(options.overwrite)
+    todo = [path for path in mine if sources.as_text(path) not in finished]
+    log.info(
+        "shard %d of %d: %d of %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
+        run.shard.index, run.shard.count, len(mine), len(everything), len(mine) - len(todo), len(todo),
+        run.spec.name, run.spec.weights, run.device, run.precision,
+    )  # fmt: skip
+    tally = Tally()
+    if todo and not stop.requested:
+        _stream(run, todo, output, tally, stop)
+    return _finish(run, tally, stop, time.monotonic() - started)
+
+
+def _stream(run: Plan, todo: list[str], output: commit.OutputDir, tally: Tally, stop: StopRequest) -> None:
+    options = run.options
+    loader = DataLoader(
+        ImageFiles(todo, run.spec.preprocess),
+        batch_size=run.batch_size,
+        num_workers=run.workers,
+        collate_fn=collate,
+        pin_memory=run.device.type == "cuda",
+        worker_init_fn=_worker_init,
+        prefetch_factor=4 if run.workers else None,
+    )
+    batches = iter(loader)  # workers start decoding while the model loads
+    classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings)
+    rows = RowBuilder(run.spec.labels, options.topk, options.embeddings)
+    metadata = {"identity": run.identity(), "provenance": run.provenance()}
+    progress = Progress(len(todo))
+    chunk: ChunkWriter | None = None
+    chunk_started = time.monotonic()
+    chunk_wall_start = _now()
+    try:
+        for item in batches:
+            answers = classifier.predict(item.pixels) if item.pixels is not None else None
+            paths = [todo[decoded.index] for decoded in item.items]
+            if chunk is None:
+                chunk = ChunkWriter(output.staging_path(), rows.schema, metadata)
+                chunk_started, chunk_wall_start = time.monotonic(), _now()
+            chunk.add(rows.build(paths, item.items, answers))
+            progress.update(len(paths), tally.add(paths, item.items))
+            if stop.requested or time.monotonic() - chunk_started >= options.commit_every:
+                _commit(chunk, output, chunk_started, chunk_wall_start)
+                chunk = None
+                if stop.requested or _error_rate_breached(options, tally, early=True):
+                    break
+        if chunk is not None:
+            _commit(chunk, output, chunk_started, chunk_wall_start)
+            chunk = None
+    finally:
+        if chunk is not None:
+            chunk.abandon()
+        progress.finish()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _commit(chunk: ChunkWriter, output: commit.OutputDir, started: float, wall_start: str) -> None:
+    chunk.close({"started": wall_start, "committed": _now(), "seconds": round(time.monotonic() - started, 3)})
+    published = output.publish(chunk.path)
+    log.debug("committed %d rows to %s", chunk.rows, published)
+
+
+def _error_rate_breached(options: ClassifyOptions, tally: Tally, early: bool = False) -> bool:
+    if options.max_error_rate is None or (early and tally.processed < MIN_FILES_FOR_EARLY_ERROR_RATE):
+        return False
+    return tally.rate > options.max_error_rate
+
+
+def _finish(run: Plan, tally: Tally, stop: StopRequest, seconds: float) -> int:
+    rate = tally.processed / seconds if seconds > 0 else math.nan
+    for example in tally.examples:
+        log.warning("failed: %s", example)
+    log.info(
+        "classified %d images, %d failed, in %s (%.1f images/s); results in %s",
+        tally.processed, tally.errors, format_duration(seconds), rate, run.options.output,
+    )  # fmt: skip
+    if _error_rate_breached(run.options, tally):
+        log.error("error rate %.1f%% is above --max-error-rate %.1f%%", 100 * tally.rate, 100 * run.options.max_error_rate)
+        return EXIT_BAD_INPUTS
+    if stop.requested:
+        log.warning("stopped by %s: progress is committed; run the same command again to go on", stop.signal_name)
+        return EXIT_INTERRUPTED
+    if run.options.strict and tally.errors:
+        log.error("--strict: %d inputs could not be classified (their rows are written, with the error)", tally.errors)
+        return EXIT_BAD_INPUTS
+    return EXIT_OK
