@@ -73,7 +73,7 @@ class ModelSpec:
     weights_file: str | None
     labels: list[str] = field(repr=False)
     preprocess: Preprocess
-    builder: Callable[["ModelSpec"], torch.nn.Module] = field(repr=False, compare=False)
+    builder: Callable[["ModelSpec"], torch.nn.Module] = field(repr=False, compare=False)  # in inference mode
     supports_embeddings: bool = True
 
     @property
@@ -101,7 +101,7 @@ class ModelSpec:
                 "use it for benchmarks and tests only",
                 self.name,
             )
-        return self.builder(self).eval()
+        return self.builder(self)
 
 
 def sha256_of(path: str) -> str:
@@ -189,7 +189,7 @@ def _build_default(spec: ModelSpec) -> torch.nn.Module:
     network = EfficientNet.from_name("efficientnet-lite0", num_classes=len(spec.labels))
     if spec.weights_file:
         _load_state_dict(network, spec)
-    return network
+    return network.eval()
 
 
 # --- torchvision models ------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
     network = get_model(spec.name, weights=None, num_classes=len(spec.labels))
     if spec.weights_file:
         _load_state_dict(network, spec)
-    return network
+    return network.eval()
 
 
 def _local_weights_file(path: str) -> str:
@@ -322,8 +322,8 @@ def _build_model_file(spec: ModelSpec) -> torch.nn.Module:
     assert path is not None
     try:
         if path.endswith(".pt2"):
-            return torch.export.load(path).module()
-        return torch.jit.load(path, map_location="cpu")
+            return torch.export.load(path).module()  # frozen in the mode it was exported in
+        return torch.jit.load(path, map_location="cpu").eval()
     except Exception as error:  # noqa: BLE001
         raise ModelError(f"cannot load the model file {path}: {error}") from None
 

@@ -1,9 +1,10 @@
 """The classify run: sources -> decode (loader workers) -> model -> writer -> shard commit.
 
 `plan` checks everything that can be wrong with the arguments, cheapest first, and creates nothing
-but the output directory (and that only after the model and device are known to be usable).
-`execute` then walks the sources, takes this shard's slice, skips what earlier runs finished, and
-streams the rest through the stages, committing a chunk every `commit_every` seconds.
+but the output directory (and that only after the model and device are known to be usable); last, it
+reads what earlier runs of this shard finished there, refusing results of another configuration.
+`execute` then walks the sources, takes this shard's slice, skips what was finished, and streams the
+rest through the stages, committing a chunk every `commit_every` seconds.
 """
 
 from __future__ import annotations
@@ -69,9 +70,8 @@ class Plan:
     workers: int
     batch_size: int
     env: JobEnvironment
-
-    def identity(self) -> dict[str, Any]:
-        return {**self.spec.identity(), "topk": self.options.topk, "embeddings": self.options.embeddings}
+    output: commit.OutputDir
+    finished: set[str]
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -114,7 +114,10 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     batch_size = options.batch_size or (256 if device.type == "cuda" else 64)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    return Plan(options, spec, device, precision, shard, workers, batch_size, env)
+    identity = {**spec.identity(), "topk": options.topk, "embeddings": options.embeddings}
+    output = commit.OutputDir(options.output, shard, identity)
+    finished = output.prepare(options.overwrite)
+    return Plan(options, spec, device, precision, shard, workers, batch_size, env, output, finished)
 
 
 class ImageFiles(Dataset):
@@ -177,9 +180,7 @@ def execute(run: Plan, stop: StopRequest) -> int:
     started = time.monotonic()
     everything = sources.collect(options.sources)
     mine = run.shard.slice(everything)
-    output = commit.OutputDir(options.output, run.shard, run.identity())
-    finished = output.prepare(options.overwrite)
-    todo = [path for path in mine if sources.as_text(path) not in finished]
+    todo = [path for path in mine if sources.as_text(path) not in run.finished]
     log.info(
         "shard %d of %d: %d of %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
         run.shard.index, run.shard.count, len(mine), len(everything), len(mine) - len(todo), len(todo),
@@ -187,12 +188,12 @@ def execute(run: Plan, stop: StopRequest) -> int:
     )  # fmt: skip
     tally = Tally()
     if todo and not stop.requested:
-        _stream(run, todo, output, tally, stop)
+        _stream(run, todo, tally, stop)
     return _finish(run, tally, stop, time.monotonic() - started)
 
 
-def _stream(run: Plan, todo: list[str], output: commit.OutputDir, tally: Tally, stop: StopRequest) -> None:
-    options = run.options
+def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None:
+    options, output = run.options, run.output
     loader = DataLoader(
         ImageFiles(todo, run.spec.preprocess),
         batch_size=run.batch_size,
@@ -202,16 +203,17 @@ def _stream(run: Plan, todo: list[str], output: commit.OutputDir, tally: Tally, 
         worker_init_fn=_worker_init,
         prefetch_factor=4 if run.workers else None,
     )
-    batches = iter(loader)  # workers start decoding while the model loads
+    # The model loads before the workers start; iterating the loader directly (no named iterator)
+    # lets an exception unwind it, which shuts the workers down instead of hanging at exit.
     classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings)
     rows = RowBuilder(run.spec.labels, options.topk, options.embeddings)
-    metadata = {"identity": run.identity(), "provenance": run.provenance()}
+    metadata = {"identity": output.identity, "provenance": run.provenance()}
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
     chunk_started = time.monotonic()
     chunk_wall_start = _now()
     try:
-        for item in batches:
+        for item in loader:
             answers = classifier.predict(item.pixels) if item.pixels is not None else None
             paths = [todo[decoded.index] for decoded in item.items]
             if chunk is None:

@@ -1,0 +1,70 @@
+"""The decode stage on its own: every awkward picture decodes upright, every bad file names its problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from batch.decode import Preprocess, decode
+from tests import images
+
+PREPROCESS = Preprocess(resize=256, crop=224)
+
+
+@pytest.mark.parametrize("name", sorted(images.GOOD))
+def test_awkward_images_decode_to_a_crop_with_their_upright_size(awkward_folder, name):
+    _writer, width, height = images.GOOD[name]
+    result = decode(7, str(awkward_folder / "good" / name), PREPROCESS)
+    assert result.error is None
+    assert (result.index, result.width, result.height) == (7, width, height)
+    assert result.pixels.shape == (224, 224, 3) and result.pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", sorted(set(images.BAD) - {"unreadable.jpg"}))
+def test_bad_files_get_a_clear_error_and_no_pixels(awkward_folder, name):
+    _writer, expected = images.BAD[name]
+    result = decode(0, str(awkward_folder / "bad" / name), PREPROCESS)
+    assert result.pixels is None and result.width is None
+    assert result.error.startswith(expected), result.error
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((300, 300), 32768, np.uint16)).save(tmp_path / "mid.png")
+    result = decode(0, str(tmp_path / "mid.png"), PREPROCESS)
+    assert 126 <= int(result.pixels.mean()) <= 129  # half of full scale, not white
+
+
+def test_transparent_pixels_are_composited_on_white(tmp_path):
+    Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert int(decode(0, str(tmp_path / "clear.png"), PREPROCESS).pixels.min()) == 255
+
+
+def test_exif_rotation_is_applied_before_the_crop(tmp_path):
+    """Left half black, right half white, stored rotated by EXIF 6 (90 degrees clockwise upright)."""
+    stored = np.zeros((300, 400, 3), np.uint8)
+    stored[:, 200:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    pixels = decode(0, str(tmp_path / "r.jpg"), PREPROCESS).pixels
+    assert pixels[:100].mean() < 40 and pixels[-100:].mean() > 215  # upright: black on top, white below
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (1000, 999)])
+def test_matches_torchvision_resize_then_center_crop(size):
+    """Our single boxed resize must equal torchvision's Resize(256) + CenterCrop(224) on the same picture."""
+    picture = images.photo().resize(size)
+    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(picture)
+    path = f"/tmp/batch-test-{size[0]}x{size[1]}.png"
+    picture.save(path)
+    ours = decode(0, path, PREPROCESS).pixels.astype(int)
+    difference = np.abs(ours - np.asarray(reference, dtype=int))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 4
+
+
+def test_preprocess_rejects_a_crop_larger_than_the_resize():
+    with pytest.raises(ValueError, match="crop"):
+        Preprocess(resize=200, crop=224)
