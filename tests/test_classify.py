@@ -136,11 +136,13 @@ def test_bad_arguments_fail_fast_and_create_nothing(photos, tmp_path, arguments,
     assert not output.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_cuda_without_a_gpu_fails_fast(photos, tmp_path):
+def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
     result = run_batch("classify", photos, "-o", tmp_path / "out", "--device", "cuda", check=False)
-    assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
-    assert not (tmp_path / "out").exists()
+    if torch.cuda.is_available():
+        assert result.returncode == 0 and len(read_rows(tmp_path / "out")) == 3
+    else:
+        assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_model_loads(photos, tmp_path):
