@@ -18,9 +18,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr
-    )
+    """Our own messages at INFO (DEBUG with -v); other libraries' only from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("batch").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 class Triple(click.ParamType):

@@ -8,6 +8,7 @@ and at most one staging file, which the next run of the same shard deletes befor
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class OutputDir:
         self.shard = shard
         self.identity = identity
         self.next_chunk = 0
+        self._lock: object | None = None
 
     def _mine(self, part: Part) -> bool:
         return part.shard == self.shard.index and part.count == self.shard.count
@@ -84,8 +86,25 @@ class OutputDir:
         prefix = f".part-{self.shard.index:05d}-of-{self.shard.count:05d}-"
         return [os.path.join(self.root, name) for name in os.listdir(self.root) if name.startswith(prefix)]
 
+    def _claim(self) -> None:
+        """One writer per shard, held until the process exits: a second would delete the first's staging file."""
+        path = os.path.join(self.root, f".lock-{self.shard.index:05d}-of-{self.shard.count:05d}")
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputError(
+                f"another process is writing shard {self.shard.index} of {self.shard.count} into {self.root}; "
+                "wait for it to end, or choose another output"
+            ) from None
+        except OSError:
+            pass  # a filesystem without flock: go on unguarded, as Slurm runs one task per shard anyway
+        self._lock = handle
+
     def prepare(self, overwrite: bool) -> set[str]:
-        """Clear this shard's leftovers and return the paths it already finished (empty with overwrite)."""
+        """Claim the shard, clear its leftovers, and return the paths it already finished (empty with overwrite)."""
+        self._claim()
         for path in self._stale_staging():
             remove_if_present(path)
         parts = list_parts(self.root)

@@ -12,6 +12,7 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -68,11 +69,12 @@ class Decoded:
 
 
 def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
-    problem = _unreadable(path)
-    if problem:
-        return Decoded(index, error=problem)
     try:
-        with Image.open(path) as image:
+        handle = _open_regular_file(path)
+    except _Unreadable as problem:
+        return Decoded(index, error=str(problem))
+    try:
+        with handle, Image.open(handle) as image:
             width, height = _upright_size(image)
             if width * height > MAX_PIXELS:
                 return Decoded(index, error=_too_large(width, height))
@@ -91,26 +93,31 @@ def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
     return Decoded(index, pixels, width, height)
 
 
-def _unreadable(path: str) -> str | None:
-    """Problems we can name before Pillow opens the file (and before a FIFO could block us)."""
+class _Unreadable(Exception):
+    """A problem named before Pillow sees the file."""
+
+
+def _open_regular_file(path: str) -> BinaryIO:
+    """One open per file (metadata operations are what a shared filesystem runs out of).
+
+    O_NONBLOCK lets a FIFO named .jpg be opened and rejected instead of blocking the worker forever.
+    """
     try:
-        info = os.stat(path)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         if os.path.islink(path):
-            return f"not found: dangling symlink to {os.readlink(path)}"
-        return "not found: the file no longer exists"
+            raise _Unreadable(f"not found: dangling symlink to {os.readlink(path)}") from None
+        raise _Unreadable("not found: the file no longer exists") from None
     except OSError as error:
-        return _os_error(error)
+        raise _Unreadable(_os_error(error)) from None
+    info = os.fstat(descriptor)
     if not stat.S_ISREG(info.st_mode):
-        return "not a regular file: a device, FIFO or socket has no picture to read"
+        os.close(descriptor)
+        raise _Unreadable("not a regular file: a device, FIFO or socket has no picture to read")
     if info.st_size == 0:
-        return "empty file: 0 bytes"
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:
-        return _os_error(error)
-    return None
+        os.close(descriptor)
+        raise _Unreadable("empty file: 0 bytes")
+    return os.fdopen(descriptor, "rb")
 
 
 def _os_error(error: OSError) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batch.models import ModelSpec
+from batch.models import ModelError, ModelSpec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,8 +68,6 @@ class Predictions:
 
 class Classifier:
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str, topk: int, embeddings: bool):
-        if embeddings and not spec.supports_embeddings:
-            raise DeviceError(f"--embeddings is not available for {spec.name}: a model file hides its layers")
         self.device = device
         self.precision = precision
         self.topk = min(topk, len(spec.labels))
@@ -86,7 +84,7 @@ class Classifier:
         """The embedding is the input of the last Linear layer, the classifier head, in every model we build."""
         heads = [module for module in self.network.modules() if isinstance(module, torch.nn.Linear)]
         if not heads:
-            raise DeviceError(f"--embeddings is not available for {name}: it has no linear classifier head")
+            raise ModelError(f"--embeddings is not available for {name}: it has no linear classifier head")
 
         def keep_input(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             self._features = inputs[0].flatten(1)

@@ -91,7 +91,7 @@ class ModelSpec:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.describe(),
-            "num_classes": len(self.labels),
+            "labels_sha256": hashlib.sha256("\n".join(self.labels).encode()).hexdigest(),
         }
 
     def load(self) -> torch.nn.Module:

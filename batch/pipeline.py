@@ -104,6 +104,8 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
         raise ValueError(f"--max-error-rate is a fraction between 0 and 1, not {options.max_error_rate}")
     sources.check_sources(options.sources)
     spec = models.resolve(options.model, options.weights, options.labels_file, options.overrides)
+    if options.embeddings and not spec.supports_embeddings:
+        raise ValueError(f"--embeddings is not available for {spec.name}: a model file hides its layers")
     device = choose_device(options.device)
     precision = choose_precision(options.precision, device)
     shard = options.shard or env.shard() or Shard(0, 1)
@@ -201,7 +203,6 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
         collate_fn=collate,
         pin_memory=run.device.type == "cuda",
         worker_init_fn=_worker_init,
-        prefetch_factor=4 if run.workers else None,
     )
     # The model loads before the workers start; iterating the loader directly (no named iterator)
     # lets an exception unwind it, which shuts the workers down instead of hanging at exit.

@@ -56,7 +56,7 @@ def _labels(table: pa.Table, top: int) -> list[str]:
         [("label_count", "descending"), ("label", "ascending")]
     )
     rows = counts.slice(0, top).to_pylist()
-    return [f"top labels:"] + [f"  {row['label_count']:>9}  {row['label']}" for row in rows]
+    return ["top labels:"] + [f"  {row['label_count']:>9}  {row['label']}" for row in rows]
 
 
 def _throughput(records: list[dict]) -> list[str]:

@@ -294,15 +294,16 @@ def test_sigkill_at_any_moment_loses_at_most_the_chunk_in_flight(tmp_path):
     assert_exactly_once(output, inputs)
 
 
-def test_sigusr1_commits_and_exits_75_then_the_same_command_finishes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_commits_and_exits_75_then_the_same_command_finishes(tmp_path, stop):
     inputs = small_images(tmp_path / "in", 400)
     output = tmp_path / "out"
     process = start_slow_run(tmp_path / "in", output)
     wait_for_parts(output, 2, process)
-    process.send_signal(signal.SIGUSR1)
+    process.send_signal(stop)
     _stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
-    assert "received SIGUSR1" in stderr and "run the same command again" in stderr
+    assert f"received {stop.name}" in stderr and "run the same command again" in stderr
     assert 0 < len(read_rows(output)) < len(inputs)
     run_batch("classify", tmp_path / "in", "-o", output, *FAST, "--batch-size", "2", "--commit-every", "0")
     assert_exactly_once(output, inputs)
@@ -314,3 +315,23 @@ def test_row_groups_hold_many_rows_not_one_batch(tmp_path):
     (part,) = part_files(tmp_path / "out")
     metadata = pq.ParquetFile(tmp_path / "out" / part).metadata
     assert (metadata.num_row_groups, metadata.num_rows) == (1, 40)
+
+
+def test_a_second_process_on_the_same_shard_is_refused(tmp_path):
+    small_images(tmp_path / "in", 400)
+    output = tmp_path / "out"
+    process = start_slow_run(tmp_path / "in", output)
+    wait_for_parts(output, 1, process)
+    second = run_batch("classify", tmp_path / "in", "-o", output, *FAST, check=False)
+    process.kill()
+    process.communicate()
+    assert second.returncode == 2 and "another process is writing shard 0 of 1" in second.stderr
+
+
+def test_embeddings_of_a_model_file_are_refused_before_work(tmp_path, photos):
+    torch.jit.save(torch.jit.script(TinyNet().eval()), tmp_path / "tiny.pt")
+    result = run_batch("classify", photos, "-o", tmp_path / "out", "--model", tmp_path / "tiny.pt", "--labels",
+                       photos / "SOURCES.md", "--resize", "64", "--crop", "64", "--mean", "0,0,0", "--std", "1,1,1",
+                       "--embeddings", check=False)  # fmt: skip
+    assert result.returncode == 2 and "--embeddings is not available" in result.stderr
+    assert not (tmp_path / "out").exists()
