@@ -42,6 +42,11 @@ class Triple(click.ParamType):
 @click.version_option(batch.__version__, prog_name="batch")
 def main() -> None:
     """Classify folders of images with a pretrained model into a Parquet dataset."""
+    import os
+
+    from batch.environment import redirect_unwritable_caches
+
+    redirect_unwritable_caches(os.environ)
 
 
 @main.command()
@@ -191,3 +196,69 @@ def doctor(expect_gpu: bool | None) -> None:
     report, healthy = diagnose(_environment(), expect_gpu)
     click.echo(report)
     sys.exit(0 if healthy else 1)
+
+
+@main.group()
+def image() -> None:
+    """Build the container image with Podman, convert it to an Apptainer SIF, keep apptainer.def in sync."""
+
+
+@image.command("build", context_settings={"ignore_unknown_options": True})
+@click.option("--tag", default="classify", show_default=True, help="Image name; tagged :VERSION and :latest.")
+@click.option("--base-image", help="A Debian/Ubuntu image with python3 and venv, for sites without registry access.")
+@click.option("-f", "--containerfile", default="Containerfile", show_default=True, type=click.Path(exists=True))
+@click.option("--context", default=".", show_default=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("podman_args", nargs=-1, type=click.UNPROCESSED)
+def image_build(tag: str, base_image: str | None, containerfile: str, context: str, podman_args: tuple[str, ...]) -> None:
+    """Run `podman build` with the version, git revision and creation time as labels.
+
+    Arguments after `--` go to podman build unchanged (e.g. `-- --network host`).
+    """
+    from batch.image import ImageError, build
+
+    try:
+        build(context, containerfile, tag, base_image, podman_args)
+    except ImageError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@image.command("sif")
+@click.option("-o", "--output", "sif_path", default="classify.sif", show_default=True, help="The SIF to build.")
+@click.option("--image", "image_name", default="classify:latest", show_default=True, help="The Podman image.")
+@click.option("--archive", help="Where to save the OCI archive  [default: next to the SIF, .oci.tar]")
+def image_sif(sif_path: str, image_name: str, archive: str | None) -> None:
+    """Save the image as an OCI archive and, where apptainer is installed, build and test the SIF.
+
+    Without apptainer (a laptop), it prints the command to run on the cluster.
+    """
+    from batch.image import ImageError, sif
+
+    try:
+        result = sif(image_name, sif_path, archive)
+    except ImageError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"saved {image_name} to {result.archive}")
+    if result.sif:
+        click.echo(f"built and tested {result.sif}")
+    else:
+        click.echo(f"apptainer is not installed here; copy the archive to the cluster and run:\n  {result.command}")
+
+
+@image.command("def")
+@click.option("-f", "--containerfile", default="Containerfile", show_default=True, type=click.Path(exists=True))
+@click.option("-o", "--output", default="apptainer.def", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--check", is_flag=True, help="Exit 1 if OUTPUT differs from what the Containerfile gives.")
+def image_def(containerfile: str, output: str, check: bool) -> None:
+    """Write apptainer.def from the Containerfile (spython, plus the fixes it needs)."""
+    from batch.image import check_definition, definition
+
+    if check:
+        difference = check_definition(containerfile, output)
+        if difference:
+            click.echo(difference, err=True)
+            raise click.ClickException(f"{output} is out of date with {containerfile}; run `batch image def`")
+        click.echo(f"{output} matches {containerfile}")
+        return
+    with open(output, "w", encoding="utf-8") as handle:
+        handle.write(definition(containerfile))
+    click.echo(f"wrote {output}")

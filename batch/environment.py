@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 IMAGE_VERSION_VARIABLE = "BATCH_IMAGE_VERSION"
 
@@ -126,3 +127,34 @@ class JobEnvironment:
                 "(--array=1,4,9) need explicit --num-shards and --shard-index"
             )
         return Shard(offset // stride, count)
+
+
+def _can_create(path: str) -> bool:
+    """Whether `path` exists writable, or could be made in its nearest existing ancestor (creates nothing)."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def redirect_unwritable_caches(env: MutableMapping[str, str]) -> dict[str, str]:
+    """Point torch's, Triton's and XDG's write caches at a private temp folder when HOME cannot hold them.
+
+    Apptainer mounts the image read-only and HOME may be the host's, read-only or missing; a uid chosen
+    with --user has no passwd entry (so `~` does not even expand). Variables the user set are kept.
+    """
+    home = os.path.expanduser("~")
+    usable_home = home != "~" and os.path.isabs(home)
+    fallback = os.path.join(tempfile.gettempdir(), f"batch-cache-{os.getuid()}")
+    defaults = {
+        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+        "TRITON_CACHE_DIR": os.path.join(home, ".triton", "cache"),
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(home, ".cache", "torchinductor"),
+    }
+    redirected = {}
+    for name, default in defaults.items():
+        if name not in env and not (usable_home and _can_create(default)):
+            redirected[name] = env[name] = os.path.join(fallback, name.lower())
+    return redirected

