@@ -134,3 +134,15 @@ def image(podman, base_image) -> str:
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     print(f"image build: {time.monotonic() - started:.0f} s")
     return f"{tag}:latest"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real one-node Slurm (see tests/slurm.py), stopped and removed at the end of the session."""
+    if os.geteuid() != 0 or not shutil.which("slurmctld"):
+        pytest.skip("the Slurm tests run as root with slurm-wlm and munge installed (.ci/run does both)")
+    from tests import slurm
+
+    running = slurm.start()
+    yield running
+    running.stop()
