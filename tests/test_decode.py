@@ -54,13 +54,12 @@ def test_exif_rotation_is_applied_before_the_crop(tmp_path):
 
 
 @pytest.mark.parametrize("size", [(451, 300), (300, 451), (1000, 999)])
-def test_matches_torchvision_resize_then_center_crop(size):
+def test_matches_torchvision_resize_then_center_crop(tmp_path, size):
     """Our single boxed resize must equal torchvision's Resize(256) + CenterCrop(224) on the same picture."""
     picture = images.photo().resize(size)
     reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(picture)
-    path = f"/tmp/batch-test-{size[0]}x{size[1]}.png"
-    picture.save(path)
-    ours = decode(0, path, PREPROCESS).pixels.astype(int)
+    picture.save(tmp_path / "picture.png")
+    ours = decode(0, str(tmp_path / "picture.png"), PREPROCESS).pixels.astype(int)
     difference = np.abs(ours - np.asarray(reference, dtype=int))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 4
 

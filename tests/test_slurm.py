@@ -105,7 +105,9 @@ def test_submit_indexes_sizes_the_array_and_checks_the_result(cluster, tmp_path)
     assert "25 rows in 3 parts from 3 shards" in report and "every input is present" in report
 
 
-def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image, tmp_path):
+def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image):
+    """Submitted from a folder of the rootless user's, as that user's own job would be: the harness runs
+    Podman as that user, who cannot enter root's private test folders."""
     folder = podman.workspace / "slurm-podman"
     inputs = small_images(folder / "in", 12)
     (folder / "out").mkdir()
@@ -113,9 +115,9 @@ def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image, tmp_path)
     env = {**podman.env, "SLURM_CONF": cluster.env["SLURM_CONF"], "BATCH_RUNTIME": "podman", "BATCH_IMAGE": image,
            "BATCH_PODMAN_DEVICES": ""}  # fmt: skip  # the test node's GPUs are placeholders: no CDI devices
     array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(folder / "in"), str(folder / "out"), *FAST,
-                   cwd=tmp_path, env=env)  # fmt: skip
+                   cwd=folder, env=env)  # fmt: skip
     states = cluster.wait_until_done([f"{array}_0", f"{array}_1"])
-    logs = "".join(path.read_text() for path in tmp_path.glob("classify-*.out"))
-    assert set(states.values()) == {"COMPLETED"}, (states, logs)
+    logs = "".join(path.read_text() for path in folder.glob("classify-*.out"))
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
     assert "podman run --rm --userns=keep-id:uid=1000,gid=1000" in logs
     assert_every_input_once(folder / "out", inputs)
