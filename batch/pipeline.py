@@ -9,7 +9,6 @@ rest through the stages, committing a chunk every `commit_every` seconds.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import platform
@@ -211,24 +210,20 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
     metadata = {"identity": output.identity, "provenance": run.provenance()}
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
-    chunk_started = time.monotonic()
-    chunk_wall_start = _now()
     try:
         for item in loader:
             answers = classifier.predict(item.pixels) if item.pixels is not None else None
             paths = [todo[decoded.index] for decoded in item.items]
-            if chunk is None:
-                chunk = ChunkWriter(output.staging_path(), rows.schema, metadata)
-                chunk_started, chunk_wall_start = time.monotonic(), _now()
+            chunk = chunk or ChunkWriter(output.staging_path(), rows.schema, metadata)
             chunk.add(rows.build(paths, item.items, answers))
             progress.update(len(paths), tally.add(paths, item.items))
-            if stop.requested or time.monotonic() - chunk_started >= options.commit_every:
-                _commit(chunk, output, chunk_started, chunk_wall_start)
+            if stop.requested or chunk.age >= options.commit_every:
+                _commit(chunk, output)
                 chunk = None
                 if stop.requested or _error_rate_breached(options, tally, early=True):
                     break
         if chunk is not None:
-            _commit(chunk, output, chunk_started, chunk_wall_start)
+            _commit(chunk, output)
             chunk = None
     finally:
         if chunk is not None:
@@ -236,12 +231,8 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
         progress.finish()
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _commit(chunk: ChunkWriter, output: commit.OutputDir, started: float, wall_start: str) -> None:
-    chunk.close({"started": wall_start, "committed": _now(), "seconds": round(time.monotonic() - started, 3)})
+def _commit(chunk: ChunkWriter, output: commit.OutputDir) -> None:
+    chunk.close()
     published = output.publish(chunk.path)
     log.debug("committed %d rows to %s", chunk.rows, published)
 

@@ -6,8 +6,10 @@ buffered into row groups of many thousand rows, never one group per batch.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -89,6 +91,8 @@ class ChunkWriter:
 
     def __init__(self, path: str, schema: pa.Schema, metadata: dict[str, Any]):
         self.path = path
+        self.started = time.monotonic()
+        self._started_at = _now()
         self.rows = 0
         self.errors = 0
         self._pending: list[pa.RecordBatch] = []
@@ -110,9 +114,15 @@ class ChunkWriter:
             self._writer.write_table(table, row_group_size=max(ROW_GROUP_ROWS, table.num_rows))
             self._pending, self._pending_rows = [], 0
 
-    def close(self, chunk_facts: dict[str, Any]) -> None:
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+    def close(self) -> None:
         self._flush()
-        record = {**self._metadata, "chunk": {**chunk_facts, "rows": self.rows, "errors": self.errors}}
+        chunk = {"started": self._started_at, "committed": _now(), "seconds": round(self.age, 3), "rows": self.rows,
+                 "errors": self.errors}  # fmt: skip
+        record = {**self._metadata, "chunk": chunk}
         self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
         self._writer.close()
         with open(self.path, "rb+") as handle:
@@ -121,6 +131,10 @@ class ChunkWriter:
     def abandon(self) -> None:
         self._writer.close()
         remove_if_present(self.path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def remove_if_present(path: str) -> None:
