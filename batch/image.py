@@ -109,8 +109,12 @@ def _substitute(text: str, values: dict[str, str]) -> str:
 
 
 def _whole_copies(files: list[list[str]]) -> list[list[str]]:
-    """Apptainer copies every %files entry before %post, so a file inside a folder copied later goes
-    (copying into the existing folder would nest it: batch/batch/); so do repeated entries."""
+    """Drop entries that lie inside a folder also listed, and repeats.
+
+    The Containerfile copies batch/__init__.py before batch/ to keep its dependency layer cacheable;
+    Apptainer copies every %files entry before %post, and copying batch/ into the folder the first
+    entry created would nest it as batch/batch/.
+    """
     sources = [os.path.normpath(source) for source, _ in files]
     kept = []
     for (source, target), normal in zip(files, sources):
@@ -132,8 +136,9 @@ def definition(containerfile: str = "Containerfile") -> str:
     environment = {line.split("=", 1)[0]: _substitute(line, values) for line in recipe.environ}
     labels = []
     for (line,) in recipe.labels:
-        key, _, value = line.rstrip(" \\").partition("=")
-        labels.append(f"{key} {_substitute(value.strip(chr(34)), values)}")
+        key, _, quoted = line.rstrip(" \\").partition("=")
+        value = quoted.strip('"')
+        labels.append(f"{key} {_substitute(value, values)}")
     post = []
     for line in recipe.install:
         name = line.split("=", 1)[0]
