@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +55,9 @@ def check_writable(root: str) -> None:
         raise OutputError(f"output {root} exists and is not a directory")
     try:
         os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".batch-write-test-{os.getpid()}")
-        with open(probe, "wb"):
+        # A random name: tasks in containers all run as PID 1, so a PID in the name would collide.
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".batch-write-test-"):
             pass
-        os.remove(probe)
     except OSError as error:
         raise OutputError(f"cannot write to the output directory {root}: {error.strerror or error}") from None
 
