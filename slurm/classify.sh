@@ -70,27 +70,26 @@ for name in CUDA_VISIBLE_DEVICES TORCH_HOME SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLUR
     [[ -n ${!name:-} ]] && forwarded+=("$name=${!name}")
 done
 
+# Options both container runtimes take; $1 is the runtime's flag for a bind mount.
+container_options() {
+    options=()
+    for path in "${read_only[@]}"; do options+=("$1" "$path:$path:ro"); done
+    for path in "${writable[@]}"; do options+=("$1" "$path:$path"); done
+    for pair in "${forwarded[@]}"; do options+=(--env "$pair"); done
+}
+
 case $runtime in
     apptainer)
         : "${BATCH_SIF:?set BATCH_SIF to the SIF image (batch image sif), or BATCH_RUNTIME=podman|none}"
-        binds=()
-        for path in "${read_only[@]}"; do binds+=(--bind "$path:$path:ro"); done
-        for path in "${writable[@]}"; do binds+=(--bind "$path:$path"); done
-        envs=()
-        for pair in "${forwarded[@]}"; do envs+=(--env "$pair"); done
-        launcher=(apptainer exec --nv --cleanenv "${binds[@]}" "${envs[@]}" "$BATCH_SIF")
+        container_options --bind
+        launcher=(apptainer exec --nv --cleanenv "${options[@]}" "$BATCH_SIF")
         ;;
     podman)
-        mounts=()
-        for path in "${read_only[@]}"; do mounts+=(--volume "$path:$path:ro"); done
-        for path in "${writable[@]}"; do mounts+=(--volume "$path:$path"); done
-        envs=()
-        for pair in "${forwarded[@]}"; do envs+=(--env "$pair"); done
-        devices=()
+        container_options --volume
         IFS=',' read -r -a cdi <<<"${BATCH_PODMAN_DEVICES-nvidia.com/gpu=all}"
-        for device in "${cdi[@]}"; do devices+=(--device "$device"); done
-        launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" --shm-size=8g "${devices[@]}" "${mounts[@]}"
-            "${envs[@]}" "${BATCH_IMAGE:-classify:latest}")
+        for device in "${cdi[@]}"; do options+=(--device "$device"); done
+        launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" --shm-size=8g "${options[@]}"
+            "${BATCH_IMAGE:-classify:latest}")
         ;;
     none) launcher=() ;;
     *) echo "BATCH_RUNTIME must be apptainer, podman or none, not '$runtime'" >&2 && exit 2 ;;

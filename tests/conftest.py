@@ -14,6 +14,8 @@ import batch
 
 from tests import images
 
+FAST = ("--model", "mobilenet_v3_small", "--weights", "none")  # untrained: for plumbing, not answers
+
 # Running as root reads any file; drop the capabilities that allow it so "unreadable" means unreadable.
 DROP_ROOT_READ = (
     ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
@@ -119,18 +121,22 @@ def build_context(podman) -> Path:
     return podman.give(context)
 
 
-@pytest.fixture(scope="session")
-def image(podman, base_image) -> str:
-    """The real Containerfile, built rootless by `batch image build`."""
-    tag = "localhost/batch-test"
-    context = build_context(podman)
-    podman.made += [f"{tag}:latest", f"{tag}:{batch.__version__}"]
-    started = time.monotonic()
-    result = subprocess.run(
+def build_image(podman, context: Path, tag: str, base_image: str) -> subprocess.CompletedProcess:
+    """`batch image build` on a context the rootless user can read, with the harness's podman options."""
+    return subprocess.run(
         [sys.executable, "-m", "batch", "image", "build", "--tag", tag, "--base-image", base_image, "--context", str(context),
          "--containerfile", str(context / "Containerfile"), "--", *podman.build_options()],
         capture_output=True, text=True, env=podman.env, timeout=3000,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def image(podman, base_image) -> str:
+    """The real Containerfile, built rootless by `batch image build`."""
+    tag = "localhost/batch-test"
+    podman.made += [f"{tag}:latest", f"{tag}:{batch.__version__}"]
+    started = time.monotonic()
+    result = build_image(podman, build_context(podman), tag, base_image)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     print(f"image build: {time.monotonic() - started:.0f} s")
     return f"{tag}:latest"

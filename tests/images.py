@@ -108,3 +108,15 @@ def write_all(folder: Path, names: dict) -> list[Path]:
         writer(folder / name)
         paths.append(folder / name)
     return paths
+
+
+def small_images(folder: Path, count: int) -> list[Path]:
+    """Many tiny random pictures: quick to decode, so runs are long in batches, not in seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(count)
+    paths = []
+    for number in range(count):
+        path = folder / f"img-{number:04d}.png"
+        Image.fromarray(generator.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

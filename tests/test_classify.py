@@ -11,25 +11,23 @@ import time
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from batch.models import sha256_of
 from batch.writer import read_record
 from tests import images
-from tests.conftest import DROP_ROOT_READ, read_rows, run_batch
+from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
+from tests.images import small_images
 
 EXPECTED_SCHEMA = pa.schema(
     [("path", pa.string(), False), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
      ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())), ("width", pa.int32()),
      ("height", pa.int32()), ("error", pa.string())]
 )  # fmt: skip
-FAST = ("--model", "mobilenet_v3_small", "--weights", "none")  # untrained: for plumbing, not answers
 
 
 def part_files(output: Path) -> list[str]:
@@ -39,17 +37,6 @@ def part_files(output: Path) -> list[str]:
 def duckdb_one(query: str) -> tuple:
     with duckdb.connect() as connection:
         return connection.execute(query).fetchone()
-
-
-def small_images(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = np.random.default_rng(count)
-    paths = []
-    for number in range(count):
-        path = folder / f"img-{number:04d}.png"
-        Image.fromarray(generator.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
 
 
 def test_default_model_names_the_sample_photos(photos, tmp_path):

@@ -12,10 +12,7 @@ import torch
 
 import batch
 from tests import images
-from tests.conftest import read_rows, run_batch
-
-FAST = ("--model", "mobilenet_v3_small", "--weights", "none")
-
+from tests.conftest import FAST, read_rows, run_batch
 
 def test_index_writes_a_sorted_manifest_that_classify_reads(awkward_folder, photos, tmp_path):
     manifest = tmp_path / "inputs.parquet"

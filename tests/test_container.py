@@ -19,7 +19,7 @@ from spython.main.parse.parsers import SingularityParser
 
 import batch
 from batch.image import check_definition
-from tests.conftest import REPOSITORY, build_context, read_rows, run_batch
+from tests.conftest import REPOSITORY, build_context, build_image, read_rows, run_batch
 
 
 def hadolint() -> str:
@@ -127,11 +127,7 @@ def test_a_code_change_rebuilds_from_the_dependency_layer_cache(podman, image, b
     with open(context / "batch" / "cli.py", "a") as handle:
         handle.write("# a code-only change\n")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "batch", "image", "build", "--tag", image.rsplit(":", 1)[0], "--base-image", base_image,
-         "--context", str(context), "--containerfile", str(context / "Containerfile"), "--", *podman.build_options()],
-        capture_output=True, text=True, env=podman.env, timeout=1800,
-    )  # fmt: skip
+    result = build_image(podman, context, image.rsplit(":", 1)[0], base_image)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = re.split(r"\nSTEP \d+/\d+: ", result.stdout)
     dependency_step = next(step for step in steps if step.startswith("RUN python3 -m venv"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPOSITORY, read_rows
-from tests.test_classify import FAST, small_images
+from tests.conftest import FAST, REPOSITORY, read_rows
+from tests.images import small_images
 
 CLASSIFY = str(REPOSITORY / "slurm" / "classify.sh")
 SUBMIT = str(REPOSITORY / "slurm" / "submit.sh")
