@@ -15,6 +15,7 @@ import batch
 from batch.stopping import StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+SET_BY_BATCH: dict[str, str] = {}  # environment variables `main` set, which `bench` keeps from the peers
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,9 +45,10 @@ def main() -> None:
     """Classify folders of images with a pretrained model into a Parquet dataset."""
     import os
 
-    from batch.environment import redirect_unwritable_caches
+    from batch.environment import let_openmp_sleep, redirect_unwritable_caches
 
-    redirect_unwritable_caches(os.environ)
+    SET_BY_BATCH.update(redirect_unwritable_caches(os.environ))
+    SET_BY_BATCH.update(let_openmp_sleep(os.environ))
 
 
 @main.command()
@@ -63,7 +65,7 @@ def main() -> None:
 @click.option("--mean", type=Triple(), help="Override: per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406.")
 @click.option("--std", type=Triple(), help="Override: per-channel std on the 0-1 scale.")
 @click.option("--topk", default=5, show_default=True, type=int, help="Classes kept per image.")
-@click.option("--batch-size", type=int, help="Images per model call  [default: 256 on a GPU, 64 on CPU]")
+@click.option("--batch-size", type=int, help="Images per model call  [default: 256 on a GPU, 32 on CPU]")
 @click.option("--workers", type=int, help="Decoding processes  [default: SLURM_CPUS_PER_TASK, else usable CPUs]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -184,6 +186,58 @@ def weights_list(model: str | None, show_all: bool) -> None:
         click.echo(describe_weights(model, show_all))
     except ModelError as error:
         raise click.UsageError(str(error)) from None
+
+
+class WidthRange(click.ParamType):
+    name = "W[-W2]"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, tuple):
+            return value
+        parts = value.split("-")
+        if len(parts) > 2 or not all(part.isdigit() and int(part) >= 16 for part in parts):
+            self.fail(f"{value!r} is not a width (at least 16 px) or a range like 2000-4000", param, ctx)
+        low, high = int(parts[0]), int(parts[-1])
+        return (low, high) if low <= high else (high, low)
+
+
+@main.command()
+@click.argument("sources", nargs=-1)
+@click.option("--generate", default=256, show_default=True, type=click.IntRange(1),
+              help="Without SOURCES: how many JPEGs to generate (and delete afterwards).")
+@click.option("--width", "widths", default="500", show_default=True, type=WidthRange(),
+              help="Width of generated JPEGs (4:3), or a range like 2000-4000.")
+@click.option("--photos", type=click.Path(exists=True), help="Generate crops of these photos, not random scenes.")
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="As for classify.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="As for classify.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--batch-size", type=click.IntRange(1), help="As for classify.")
+@click.option("--workers", type=click.IntRange(0), help="As for classify.")
+@click.option("--compare", is_flag=True, help="Also time whole processes: the naive and DataLoader peers, batch classify.")
+@click.option("--agreement", is_flag=True, help="Also check top-1 against the model's reference preprocessing.")
+def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], photos: str | None, **options) -> None:
+    """Measure each stage, end to end and against the naive loop, on SOURCES or generated JPEGs.
+
+    Prints images/s for read, decode+preprocess (one core), model, write, the whole pipeline and the
+    naive loop, and the --cpus-per-task that keeps one GPU busy. The numbers are this machine's.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    _setup_logging(False)
+    logging.getLogger("batch.pipeline").setLevel(logging.WARNING)
+    from batch import bench as measure
+
+    with tempfile.TemporaryDirectory(prefix="batch-bench-images-") as scratch:
+        try:
+            paths, described = measure.resolve_inputs(sources, generate, widths, photos, Path(scratch))
+            peer_environment = {name: value for name, value in os.environ.items() if name not in SET_BY_BATCH}
+            for line in measure.run(paths, measure.BenchOptions(**options), described, peer_environment):
+                click.echo(line)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
 
 
 @main.command()

@@ -158,3 +158,15 @@ def redirect_unwritable_caches(env: MutableMapping[str, str]) -> dict[str, str]:
         if name not in env and not (usable_home and _can_create(default)):
             redirected[name] = env[name] = os.path.join(fallback, name.lower())
     return redirected
+
+
+def let_openmp_sleep(env: MutableMapping[str, str]) -> dict[str, str]:
+    """Idle OpenMP threads sleep instead of spinning, because the decoding workers need those cores.
+
+    Measured on two cores, 1500 JPEGs: 2.5 of 13 CPU-seconds went to spinning, and the run took 10% longer.
+    It must be set before torch loads OpenMP; a value the user set is kept.
+    """
+    if "OMP_WAIT_POLICY" in env:
+        return {}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return {"OMP_WAIT_POLICY": "PASSIVE"}

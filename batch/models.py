@@ -96,12 +96,17 @@ class ModelSpec:
 
     def load(self) -> torch.nn.Module:
         if self.untrained:
-            log.warning(
-                "MODEL %s HAS NO TRAINED WEIGHTS (--weights none): its labels are meaningless; "
-                "use it for benchmarks and tests only",
-                self.name,
-            )
+            _warn_untrained(self.name)
         return self.builder(self)
+
+
+@functools.cache
+def _warn_untrained(name: str) -> None:
+    """Once per process, however often the model is built."""
+    log.warning(
+        "MODEL %s HAS NO TRAINED WEIGHTS (--weights none): its labels are meaningless; use it for benchmarks and tests only",
+        name,
+    )
 
 
 def sha256_of(path: str) -> str:

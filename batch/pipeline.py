@@ -112,13 +112,19 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     workers = env.cpus() if options.workers is None else options.workers
     if workers < 0:
         raise ValueError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
-    batch_size = options.batch_size or (256 if device.type == "cuda" else 64)
+    batch_size = options.batch_size or default_batch_size(device)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
     identity = {**spec.identity(), "topk": options.topk, "embeddings": options.embeddings}
     output = commit.OutputDir(options.output, shard, identity)
     finished = output.prepare(options.overwrite)
     return Plan(options, spec, device, precision, shard, workers, batch_size, env, output, finished)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """256 on a GPU. 32 on CPU: a float batch of 64 (38 MB) is past glibc's largest mmap threshold, so
+    every batch was mapped and faulted in afresh (1.5 s of system time on 1500 images, two cores)."""
+    return 256 if device.type == "cuda" else 32
 
 
 class ImageFiles(Dataset):

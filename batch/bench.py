@@ -1,0 +1,303 @@
+"""`batch bench`: how fast each stage runs on this machine, and what that means for a Slurm job.
+
+Each stage is timed alone (read, decode+preprocess on one core, model, write), then the real
+pipeline end to end, then the naive loop a tutorial writes, on the same files in the same run. The
+ratio of the model's speed to one core's decoding speed says how many CPUs keep one GPU busy.
+`--compare` times whole processes, start to Parquet, against the two peers in `peers.py`;
+`--agreement` checks that the fast paths give the answers of the model's reference preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from batch import models, peers, sources
+from batch.decode import Decoded, decode
+from batch.environment import JobEnvironment
+from batch.inference import Classifier, Predictions, choose_device, choose_precision
+from batch.pipeline import ClassifyOptions, default_batch_size, execute, plan
+from batch.stopping import StopRequest
+from batch.writer import ChunkWriter, RowBuilder
+
+MIN_SECONDS = 2.0  # repeat the synthetic stages at least this long
+SENSOR_NOISE = 4.0  # standard deviation, 0-255 scale: gives generated JPEGs a camera's file size
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = models.DEFAULT_MODEL
+    weights: str = models.DEFAULT_WEIGHTS
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    compare: bool = False
+    agreement: bool = False
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    items: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else math.inf
+
+    def line(self) -> str:
+        return f"  {self.name:<30} {self.rate:>9.1f} images/s  {self.note}"
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def generate_images(folder: Path, count: int, widths: tuple[int, int], photos: Sequence[str], seed: int = 0) -> list[str]:
+    """JPEGs of 4:3 (every fourth one portrait), `widths` wide: crops of `photos` when given, else smooth
+    random scenes, with sensor noise so that files weigh what a camera's do (about 1.5 bits a pixel)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chooser = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    pictures = [peers.open_rgb(photo) for photo in photos]
+    paths = []
+    for number in range(count):
+        width = chooser.randint(*widths)
+        size = (width, width * 3 // 4) if number % 4 else (width * 3 // 4, width)
+        scene = _crop(pictures[number % len(pictures)], size, chooser) if pictures else _smooth_scene(size, noise)
+        pixels = np.asarray(scene.resize(size, Image.Resampling.BILINEAR), np.float32)
+        pixels += SENSOR_NOISE * noise.standard_normal((size[1], size[0], 1), dtype=np.float32)
+        pixels = np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
+        path = folder / f"generated-{number:06d}.jpg"
+        Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
+        paths.append(str(path))
+    return paths
+
+
+def _crop(picture: Image.Image, size: tuple[int, int], chooser: random.Random) -> Image.Image:
+    """A random crop of the aspect of `size`, at least half the picture's shorter side."""
+    aspect = size[0] / size[1]
+    most = min(picture.width, picture.height * aspect)
+    width = chooser.uniform(0.5, 1.0) * most
+    height = width / aspect
+    left = chooser.uniform(0, picture.width - width)
+    top = chooser.uniform(0, picture.height - height)
+    return picture.crop((round(left), round(top), round(left + width), round(top + height)))
+
+
+def _smooth_scene(size: tuple[int, int], noise: np.random.Generator) -> Image.Image:
+    coarse = noise.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
+# --- the stages, one at a time -----------------------------------------------------------------------
+
+
+def time_read(paths: Sequence[str]) -> Measure:
+    started = time.perf_counter()
+    size = 0
+    for path in paths:
+        with open(path, "rb") as handle:
+            size += len(handle.read())
+    seconds = time.perf_counter() - started
+    return Measure("read", len(paths), seconds, f"{size / seconds / 1e6:.0f} MB/s (page cache when warm)")
+
+
+def time_decode(paths: Sequence[str], spec: models.ModelSpec) -> Measure:
+    started = time.perf_counter()
+    failed = sum(decode(index, path, spec.preprocess).error is not None for index, path in enumerate(paths))
+    note = "one core" + (f", {failed} files failed" if failed else "")
+    return Measure("decode+preprocess", len(paths), time.perf_counter() - started, note)
+
+
+def _repeat(work: Callable[[], int]) -> tuple[int, float]:
+    """Run `work` once to warm up, then until MIN_SECONDS have passed; items done and seconds."""
+    work()
+    items, started = 0, time.perf_counter()
+    while (seconds := time.perf_counter() - started) < MIN_SECONDS:
+        items += work()
+    return items, seconds
+
+
+def time_model(classifier: Classifier, spec: models.ModelSpec, batch_size: int) -> Measure:
+    crop = spec.preprocess.crop
+    pixels = torch.randint(0, 256, (batch_size, crop, crop, 3), dtype=torch.uint8)
+    if classifier.device.type == "cuda":
+        pixels = pixels.pin_memory()
+
+    def one_batch() -> int:
+        classifier.predict(pixels)  # returns numpy, so the device has finished
+        return batch_size
+
+    items, seconds = _repeat(one_batch)
+    note = f"{classifier.device}, {classifier.precision}, batch {batch_size}, {torch.get_num_threads()} threads"
+    return Measure("model", items, seconds, note)
+
+
+def time_write(spec: models.ModelSpec, batch_size: int, folder: Path) -> Measure:
+    rows = RowBuilder(spec.labels, 5, embeddings=False)
+    decoded = [Decoded(index, width=640, height=480) for index in range(batch_size)]
+    paths = [f"/data/images/{index:08d}.jpg" for index in range(batch_size)]
+    answers = Predictions(
+        np.zeros((batch_size, rows.topk), np.int32), np.full((batch_size, rows.topk), 0.2, np.float32), None
+    )
+    chunk = ChunkWriter(str(folder / "write-bench.parquet"), rows.schema, {})
+
+    def one_batch() -> int:
+        chunk.add(rows.build(paths, decoded, answers))
+        return batch_size
+
+    items, seconds = _repeat(one_batch)
+    started = time.perf_counter()
+    chunk.close()
+    return Measure("write", items, seconds + time.perf_counter() - started, "Parquet rows, zstd, fsync")
+
+
+def time_end_to_end(paths: Sequence[str], options: BenchOptions, output: Path) -> Measure:
+    run = plan(_classify_options(paths, options, output), JobEnvironment())
+    started = time.perf_counter()
+    execute(run, StopRequest())
+    note = f"{run.workers} decoding workers, the real pipeline"
+    return Measure("end to end", len(paths), time.perf_counter() - started, note)
+
+
+def time_naive(paths: Sequence[str], spec: models.ModelSpec) -> Measure:
+    network, transform = spec.load(), peers.reference_transform(spec.preprocess)
+    started = time.perf_counter()
+    peers.naive(paths, network, transform)
+    return Measure("naive loop (baseline)", len(paths), time.perf_counter() - started, "PIL + reference transforms, fp32")
+
+
+def _classify_options(paths: Sequence[str], options: BenchOptions, output: Path) -> ClassifyOptions:
+    list_file = output.with_suffix(".txt")
+    list_file.write_text("".join(f"{path}\n" for path in paths), encoding="utf-8", errors="surrogateescape")
+    return ClassifyOptions(
+        sources=(f"@{list_file}",), output=str(output), model=options.model, weights=options.weights,
+        batch_size=options.batch_size, workers=options.workers, device=options.device, precision=options.precision,
+    )  # fmt: skip
+
+
+# --- whole processes and answers ---------------------------------------------------------------------
+
+
+def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path, peer_environment: dict[str, str]) -> list[Measure]:
+    """Each program as its own process, timed from start to its Parquet written; the peers run in the
+    user's environment, without what `batch` sets for itself."""
+    list_file = folder / "files.txt"
+    list_file.write_text("".join(f"{path}\n" for path in paths), encoding="utf-8", errors="surrogateescape")
+    model = ["--model", options.model, "--weights", options.weights]
+    programs = {
+        f"{name} (peer)": [sys.executable, "-m", "batch.peers", name, str(list_file), "-o", str(folder / f"{name}.parquet"), *model]
+        for name in ("naive", "dataloader")
+    }  # fmt: skip
+    programs["batch classify"] = [
+        sys.executable, "-m", "batch", "classify", f"@{list_file}", "-o", str(folder / "classify"), *model,
+        *_passed_on(options),
+    ]  # fmt: skip
+    measures = []
+    for name, command in programs.items():
+        started = time.perf_counter()
+        environment = peer_environment if name.endswith("(peer)") else None
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+        measures.append(Measure(name, len(paths), time.perf_counter() - started, "whole process"))
+    return measures
+
+
+def _passed_on(options: BenchOptions) -> list[str]:
+    named = {"--device": options.device, "--precision": options.precision,
+             "--batch-size": options.batch_size, "--workers": options.workers}  # fmt: skip
+    return [part for option, value in named.items() if value is not None for part in (option, str(value))]
+
+
+def top1_agreement(output: Path, spec: models.ModelSpec) -> tuple[int, int]:
+    """How many of the pipeline's top-1 labels the reference preprocessing (full decode, torchvision's
+    transforms, fp32, the network as built) also gives; and out of how many classified files."""
+    table = pq.read_table(output, columns=["path", "topk_ids", "error"]).to_pylist()
+    rows = [row for row in table if row["error"] is None]
+    network, transform = spec.load(), peers.reference_transform(spec.preprocess)
+    reference = peers.naive([row["path"] for row in rows], network, transform)[:, 0].tolist()
+    same = sum(row["topk_ids"][0] == index for row, index in zip(rows, reference))
+    return same, len(rows)
+
+
+def suggest_cpus(decode: Measure, model: Measure, device: torch.device) -> str:
+    """One GPU needs as many decoding cores as its speed over one core's, plus one for the main process."""
+    cores = math.ceil(model.rate / decode.rate) + 1
+    if device.type == "cuda":
+        return (
+            f"to keep this GPU busy ({model.rate:.0f} images/s) on these images, decoding needs "
+            f"{cores - 1} cores: sbatch --gpus-per-task=1 --cpus-per-task={cores}"
+        )
+    return (
+        f"no GPU here; one core decodes {decode.rate:.0f} images/s, so a GPU that classifies N images/s "
+        f"needs --cpus-per-task of about N/{decode.rate:.0f} + 1 (run `batch bench --device cuda` on a GPU node)"
+    )
+
+
+def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str, peer_environment: dict[str, str]) -> Iterator[str]:
+    """The report, line by line, as each measurement finishes."""
+    spec = models.resolve(options.model, options.weights, None, models.PreprocessOverrides())
+    if options.agreement and spec.untrained:
+        raise ValueError("--agreement needs trained weights: untrained answers agree by chance only")
+    device = choose_device(options.device)
+    precision = choose_precision(options.precision, device)
+    batch_size = options.batch_size or default_batch_size(device)
+    classifier = Classifier(spec, device, precision, 5, embeddings=False)
+    yield f"batch bench: {describe_inputs}; {spec.name} ({spec.weights}) on {device}, {len(os.sched_getaffinity(0))} CPUs"
+    with tempfile.TemporaryDirectory(prefix="batch-bench-") as scratch:
+        folder = Path(scratch)
+        yield "stages, each alone:"
+        read, decoded = time_read(paths), time_decode(paths, spec)
+        model = time_model(classifier, spec, batch_size)
+        for measure in (read, decoded, model, time_write(spec, batch_size, folder)):
+            yield measure.line()
+        yield "together, in this process (start-up excluded):"
+        output = folder / "end-to-end"
+        end_to_end, naive = time_end_to_end(paths, options, output), time_naive(paths, spec)
+        yield end_to_end.line()
+        yield naive.line()
+        yield f"  end to end is {end_to_end.rate / naive.rate:.2f}x the naive loop"
+        if options.compare:
+            yield "whole processes, start to Parquet written:"
+            *others, ours = time_processes(paths, options, folder, peer_environment)
+            for measure in (*others, ours):
+                yield f"  {measure.name:<30} {measure.seconds:>7.2f} s {measure.rate:>9.1f} images/s"
+            best = max(others, key=lambda measure: measure.rate)
+            yield f"  batch classify is {ours.rate / best.rate:.2f}x the better peer ({best.name})"
+        if options.agreement:
+            same, total = top1_agreement(output, spec)
+            yield f"top-1 agreement with the reference preprocessing: {same} of {total} ({100 * same / max(total, 1):.2f}%)"
+        yield "suggestion: " + suggest_cpus(decoded, model, device)
+
+
+def resolve_inputs(given: Sequence[str], generate: int, widths: tuple[int, int], photos: str | None,
+                   folder: Path) -> tuple[list[str], str]:  # fmt: skip
+    """The user's files, or generated ones; and how to describe them in the report."""
+    if given:
+        sources.check_sources(given)
+        paths = sources.collect(given)
+        if not paths:
+            raise ValueError(f"no images found in {', '.join(given)}")
+        return paths, f"{len(paths)} images from {', '.join(given)}"
+    photo_paths = sources.collect([photos]) if photos else []
+    if photos and not photo_paths:
+        raise ValueError(f"--photos {photos}: no images found there")
+    paths = generate_images(folder, generate, widths, photo_paths)
+    width = f"{widths[0]}" if widths[0] == widths[1] else f"{widths[0]}-{widths[1]}"
+    made_from = f"crops of {len(photo_paths)} photos" if photo_paths else "smooth random scenes"
+    return paths, f"{generate} generated JPEGs {width} px wide, {made_from}"
