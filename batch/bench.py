@@ -10,7 +10,6 @@ ratio of the model's speed to one core's decoding speed says how many CPUs keep 
 from __future__ import annotations
 
 import math
-import os
 import random
 import subprocess
 import sys
@@ -168,54 +167,59 @@ def time_write(spec: models.ModelSpec, batch_size: int, folder: Path) -> Measure
     return Measure("write", items, seconds + time.perf_counter() - started, "Parquet rows, zstd, fsync")
 
 
-def time_end_to_end(paths: Sequence[str], options: BenchOptions, output: Path) -> Measure:
-    run = plan(_classify_options(paths, options, output), JobEnvironment())
-    started = time.perf_counter()
-    execute(run, StopRequest())
-    note = f"{run.workers} decoding workers, the real pipeline"
-    return Measure("end to end", len(paths), time.perf_counter() - started, note)
-
-
-def time_naive(paths: Sequence[str], spec: models.ModelSpec) -> Measure:
-    network, transform = spec.load(), peers.reference_transform(spec.preprocess)
-    started = time.perf_counter()
-    peers.naive(paths, network, transform)
-    return Measure("naive loop (baseline)", len(paths), time.perf_counter() - started, "PIL + reference transforms, fp32")
-
-
-def _classify_options(paths: Sequence[str], options: BenchOptions, output: Path) -> ClassifyOptions:
-    list_file = output.with_suffix(".txt")
-    list_file.write_text("".join(f"{path}\n" for path in paths), encoding="utf-8", errors="surrogateescape")
-    return ClassifyOptions(
+def time_end_to_end(list_file: Path, count: int, options: BenchOptions, output: Path) -> Measure:
+    classify = ClassifyOptions(
         sources=(f"@{list_file}",), output=str(output), model=options.model, weights=options.weights,
         batch_size=options.batch_size, workers=options.workers, device=options.device, precision=options.precision,
     )  # fmt: skip
+    run = plan(classify, JobEnvironment())
+    started = time.perf_counter()
+    execute(run, StopRequest())
+    note = f"{run.workers} decoding workers, the real pipeline"
+    return Measure("end to end", count, time.perf_counter() - started, note)
+
+
+def time_naive(paths: Sequence[str], spec: models.ModelSpec) -> tuple[Measure, dict[str, int]]:
+    """The naive loop's speed, and its top-1 class id per path: the reference answers for --agreement."""
+    network, transform = spec.load(), peers.reference_transform(spec.preprocess)
+    started = time.perf_counter()
+    top1 = peers.naive(paths, network, transform)[:, 0].tolist()
+    seconds = time.perf_counter() - started
+    measure = Measure("naive loop (baseline)", len(paths), seconds, "PIL + reference transforms, fp32")
+    return measure, {sources.as_text(path): index for path, index in zip(paths, top1)}
+
+
+def write_file_list(paths: Sequence[str], list_file: Path) -> Path:
+    """One path per line, for `batch classify @LIST` and the peers alike."""
+    list_file.write_text("".join(f"{path}\n" for path in paths), encoding="utf-8", errors="surrogateescape")
+    return list_file
 
 
 # --- whole processes and answers ---------------------------------------------------------------------
 
 
-def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path, peer_environment: dict[str, str]) -> list[Measure]:
-    """Each program as its own process, timed from start to its Parquet written; the peers run in the
-    user's environment, without what `batch` sets for itself."""
-    list_file = folder / "files.txt"
-    list_file.write_text("".join(f"{path}\n" for path in paths), encoding="utf-8", errors="surrogateescape")
+def time_processes(list_file: Path, count: int, options: BenchOptions, folder: Path,
+                   peer_environment: dict[str, str]) -> tuple[list[Measure], Measure]:  # fmt: skip
+    """Each peer, then `batch classify`, as its own process, timed from start to its Parquet written.
+    The peers run in the user's environment, without what `batch` sets for itself."""
     model = ["--model", options.model, "--weights", options.weights]
-    programs = {
-        f"{name} (peer)": [sys.executable, "-m", "batch.peers", name, str(list_file), "-o", str(folder / f"{name}.parquet"), *model]
-        for name in ("naive", "dataloader")
-    }  # fmt: skip
-    programs["batch classify"] = [
+    others = [
+        _time_process(f"{name} (peer)", count, peer_environment, [
+            sys.executable, "-m", "batch.peers", name, str(list_file), "-o", str(folder / f"{name}.parquet"), *model,
+        ])
+        for name in peers.PEERS
+    ]  # fmt: skip
+    ours = _time_process("batch classify", count, None, [
         sys.executable, "-m", "batch", "classify", f"@{list_file}", "-o", str(folder / "classify"), *model,
         *_passed_on(options),
-    ]  # fmt: skip
-    measures = []
-    for name, command in programs.items():
-        started = time.perf_counter()
-        environment = peer_environment if name.endswith("(peer)") else None
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
-        measures.append(Measure(name, len(paths), time.perf_counter() - started, "whole process"))
-    return measures
+    ])  # fmt: skip
+    return others, ours
+
+
+def _time_process(name: str, count: int, environment: dict[str, str] | None, command: list[str]) -> Measure:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+    return Measure(name, count, time.perf_counter() - started, "whole process")
 
 
 def _passed_on(options: BenchOptions) -> list[str]:
@@ -224,14 +228,12 @@ def _passed_on(options: BenchOptions) -> list[str]:
     return [part for option, value in named.items() if value is not None for part in (option, str(value))]
 
 
-def top1_agreement(output: Path, spec: models.ModelSpec) -> tuple[int, int]:
-    """How many of the pipeline's top-1 labels the reference preprocessing (full decode, torchvision's
+def top1_agreement(output: Path, reference: dict[str, int]) -> tuple[int, int]:
+    """How many of the pipeline's top-1 classes the reference preprocessing (full decode, torchvision's
     transforms, fp32, the network as built) also gives; and out of how many classified files."""
     table = pq.read_table(output, columns=["path", "topk_ids", "error"]).to_pylist()
     rows = [row for row in table if row["error"] is None]
-    network, transform = spec.load(), peers.reference_transform(spec.preprocess)
-    reference = peers.naive([row["path"] for row in rows], network, transform)[:, 0].tolist()
-    same = sum(row["topk_ids"][0] == index for row, index in zip(rows, reference))
+    same = sum(row["topk_ids"][0] == reference[row["path"]] for row in rows)
     return same, len(rows)
 
 
@@ -258,9 +260,10 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str, peer_
     precision = choose_precision(options.precision, device)
     batch_size = options.batch_size or default_batch_size(device)
     classifier = Classifier(spec, device, precision, 5, embeddings=False)
-    yield f"batch bench: {describe_inputs}; {spec.name} ({spec.weights}) on {device}, {len(os.sched_getaffinity(0))} CPUs"
+    yield f"batch bench: {describe_inputs}; {spec.name} ({spec.weights}) on {device}, {JobEnvironment().cpus()} CPUs"
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as scratch:
         folder = Path(scratch)
+        list_file = write_file_list(paths, folder / "files.txt")
         yield "stages, each alone:"
         read, decoded = time_read(paths), time_decode(paths, spec)
         model = time_model(classifier, spec, batch_size)
@@ -268,19 +271,20 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str, peer_
             yield measure.line()
         yield "together, in this process (start-up excluded):"
         output = folder / "end-to-end"
-        end_to_end, naive = time_end_to_end(paths, options, output), time_naive(paths, spec)
+        end_to_end = time_end_to_end(list_file, len(paths), options, output)
+        naive, reference = time_naive(paths, spec)
         yield end_to_end.line()
         yield naive.line()
         yield f"  end to end is {end_to_end.rate / naive.rate:.2f}x the naive loop"
         if options.compare:
             yield "whole processes, start to Parquet written:"
-            *others, ours = time_processes(paths, options, folder, peer_environment)
+            others, ours = time_processes(list_file, len(paths), options, folder, peer_environment)
             for measure in (*others, ours):
                 yield f"  {measure.name:<30} {measure.seconds:>7.2f} s {measure.rate:>9.1f} images/s"
             best = max(others, key=lambda measure: measure.rate)
             yield f"  batch classify is {ours.rate / best.rate:.2f}x the better peer ({best.name})"
         if options.agreement:
-            same, total = top1_agreement(output, spec)
+            same, total = top1_agreement(output, reference)
             yield f"top-1 agreement with the reference preprocessing: {same} of {total} ({100 * same / max(total, 1):.2f}%)"
         yield "suggestion: " + suggest_cpus(decoded, model, device)
 

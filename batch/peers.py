@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
@@ -48,8 +48,6 @@ def reference_transform(preprocess: Preprocess) -> Transform:
 
 def open_rgb(path: str) -> Image.Image:
     """A full decode, upright: the reference the fast paths are checked against."""
-    from PIL import ImageOps
-
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
