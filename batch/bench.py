@@ -117,11 +117,17 @@ def time_read(paths: Sequence[str]) -> Measure:
     return Measure("read", len(paths), seconds, f"{size / seconds / 1e6:.0f} MB/s (page cache when warm)")
 
 
-def time_decode(paths: Sequence[str], spec: models.ModelSpec) -> Measure:
+def time_decode(paths: Sequence[str], spec: models.ModelSpec) -> tuple[Measure, list[str]]:
+    """One core's speed, and the paths that decode: the loops after it time only those, because the
+    naive loop and the peers stop at the first bad file."""
     started = time.perf_counter()
-    failed = sum(decode(index, path, spec.preprocess).error is not None for index, path in enumerate(paths))
-    note = "one core" + (f", {failed} files failed" if failed else "")
-    return Measure("decode+preprocess", len(paths), time.perf_counter() - started, note)
+    errors = {path: decode(index, path, spec.preprocess).error for index, path in enumerate(paths)}
+    seconds = time.perf_counter() - started
+    failed = [f"{sources.as_text(path)}: {error}" for path, error in errors.items() if error]
+    note = "one core" + (f"; {len(failed)} of {len(paths)} files cannot be decoded, such as {failed[0]}" if failed else "")
+    if len(failed) == len(paths):
+        raise ValueError(f"none of the {len(paths)} files can be decoded, such as {failed[0]}")
+    return Measure("decode+preprocess", len(paths), seconds, note), [path for path, error in errors.items() if not error]
 
 
 def _repeat(work: Callable[[], int]) -> tuple[int, float]:
@@ -263,9 +269,9 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str, peer_
     yield f"batch bench: {describe_inputs}; {spec.name} ({spec.weights}) on {device}, {JobEnvironment().cpus()} CPUs"
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as scratch:
         folder = Path(scratch)
-        list_file = write_file_list(paths, folder / "files.txt")
         yield "stages, each alone:"
-        read, decoded = time_read(paths), time_decode(paths, spec)
+        read, (decoded, paths) = time_read(paths), time_decode(paths, spec)
+        list_file = write_file_list(paths, folder / "files.txt")
         model = time_model(classifier, spec, batch_size)
         for measure in (read, decoded, model, time_write(spec, batch_size, folder)):
             yield measure.line()

@@ -6,6 +6,7 @@ The numbers are this machine's and are not asserted; docs/benchmarks.md records 
 from __future__ import annotations
 
 import re
+import shutil
 
 import pyarrow.parquet as pq
 import torch
@@ -44,6 +45,19 @@ def test_bench_refuses_agreement_without_trained_weights_and_an_empty_folder(tmp
     assert result.returncode == 2 and "no images found in" in result.stderr
     result = run_batch("bench", "--width", "2000-x", check=False)
     assert result.returncode == 2 and "is not a width" in result.stderr
+
+
+def test_bench_times_the_files_that_decode_and_names_those_that_do_not(photos, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(photos, folder)
+    (folder / "page.jpg").write_text("<html><body>404</body></html>")
+    result = run_batch("bench", folder, *FAST, "--workers", "1")
+    assert f"1 of 4 files cannot be decoded, such as {folder / 'page.jpg'}: not an image" in result.stdout
+    assert re.search(r"^  naive loop \(baseline\) +[0-9.]+ images/s", result.stdout, re.MULTILINE)
+    for photo in folder.glob("*.jpg"):
+        photo.write_bytes(b"")
+    result = run_batch("bench", folder, *FAST, check=False)
+    assert result.returncode == 2 and "none of the 4 files can be decoded, such as" in result.stderr
 
 
 def test_a_peer_writes_the_top_five_of_every_file(photos, tmp_path):
