@@ -209,15 +209,14 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
         pin_memory=run.device.type == "cuda",
         worker_init_fn=_worker_init,
     )
-    # The model loads before the workers start; iterating the loader directly (no named iterator)
-    # lets an exception unwind it, which shuts the workers down instead of hanging at exit.
-    classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings)
-    rows = RowBuilder(run.spec.labels, options.topk, options.embeddings)
-    metadata = {"identity": output.identity, "provenance": run.provenance()}
+    batches = iter(loader)  # forks the workers now: they decode the first batches while the model loads
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
     try:
-        for item in loader:
+        classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings)
+        rows = RowBuilder(run.spec.labels, options.topk, options.embeddings)
+        metadata = {"identity": output.identity, "provenance": run.provenance()}
+        for item in batches:
             answers = classifier.predict(item.pixels) if item.pixels is not None else None
             paths = [todo[decoded.index] for decoded in item.items]
             chunk = chunk or ChunkWriter(output.staging_path(), rows.schema, metadata)
@@ -232,6 +231,7 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
             _commit(chunk, output)
             chunk = None
     finally:
+        del batches  # the last reference: an exception must not keep the workers alive until exit
         if chunk is not None:
             chunk.abandon()
         progress.finish()
