@@ -27,6 +27,8 @@ def test_bench_reports_every_stage_the_peers_and_a_suggestion(tmp_path):
         assert re.search(rf"^  {re.escape(stage)} +[0-9.]+ ", report, re.MULTILINE), f"no {stage!r} line in:\n{report}"
     assert "6 generated JPEGs 80-120 px wide, smooth random scenes" in report
     assert re.search(r"batch classify is [0-9.]+x the better peer", report)
+    for contender in ("naive (peer)", "dataloader (peer)", "batch classify"):  # six files: too few to time past start-up
+        assert re.search(rf"^  {re.escape(contender)} .* start-up [0-9.]+ s, too few files", report, re.MULTILINE)
     assert "--cpus-per-task" in report
     assert list(tmp_path.iterdir()) == [], "generated images and outputs must be deleted"
 
