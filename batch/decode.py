@@ -78,7 +78,7 @@ def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
             width, height = _upright_size(image)
             if width * height > MAX_PIXELS:
                 return Decoded(index, error=_too_large(width, height))
-            pixels = _preprocess(image, preprocess)
+            pixels = _preprocess(image, preprocess, (width, height))
     except Image.DecompressionBombError:
         return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
     except UnidentifiedImageError:
@@ -153,19 +153,23 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     return width, height
 
 
-def _preprocess(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+def _preprocess(image: Image.Image, preprocess: Preprocess, upright_size: tuple[int, int]) -> np.ndarray:
+    reduction = 1.0
     if image.format == "JPEG":
         # Decode at 1/2, 1/4 or 1/8 scale while the shorter side keeps at least twice the pixels the
         # resize needs. libjpeg scales by averaging 8x8 blocks, which blurs a little more than the
-        # antialiased resize alone; at twice the size the resize's own filter dominates and top-1
-        # stays that of a full decode (549 of 550 camera pictures). Scaling down to the resize itself
-        # saves a quarter of the decoding time but flipped 13 of those 550 close calls.
-        side = 2 * preprocess.resize
-        image.draft("RGB", (side, side))
+        # antialiased resize alone; at twice the size the resize's own filter dominates: crops of
+        # camera pictures are 0.2 levels from a full decode's. Down to the resize itself saves a
+        # quarter of the decoding time but flips 3% of close calls (docs/benchmarks.md).
+        side, stored_width = 2 * preprocess.resize, image.width
+        drafted = image.draft("RGB", (side, side))
+        if drafted:  # (mode, (0, 0, width / scale, height / scale)): the extent the decoded pixels cover
+            reduction = stored_width / drafted[1][2]
     image.load()
     image = ImageOps.exif_transpose(image)
     rgb = _to_rgb(image)
-    return np.asarray(_resize_and_crop(rgb, preprocess))
+    full_size = upright_size if reduction != 1.0 else rgb.size  # a format may load other than its header says
+    return np.asarray(_resize_and_crop(rgb, preprocess, full_size, reduction))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -184,15 +188,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _resize_and_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
-    """torchvision's Resize(shorter side) then CenterCrop, done as one resize of just the cropped box."""
-    width, height = image.size
+def _resize_and_crop(image: Image.Image, preprocess: Preprocess, full_size: tuple[int, int], reduction: float) -> Image.Image:
+    """torchvision's Resize(shorter side) then CenterCrop, done as one resize of just the cropped box.
+
+    The box is worked out on the full-size picture, as torchvision does, then mapped onto pixels decoded
+    at 1/`reduction` scale by dividing, not by the sizes' ratio: libjpeg rounds a reduced size up, so
+    its last column and row cover less than a whole block."""
+    width, height = full_size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(preprocess.resize * long / short)  # torchvision truncates the same way
     new_width, new_height = (preprocess.resize, new_long) if width <= height else (new_long, preprocess.resize)
     crop = preprocess.crop  # never more than either side: Preprocess keeps crop <= resize
     left = int(round((new_width - crop) / 2.0))
     top = int(round((new_height - crop) / 2.0))
-    scale_x, scale_y = width / new_width, height / new_height
+    scale_x, scale_y = width / new_width / reduction, height / new_height / reduction
     box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
     return image.resize((crop, crop), INTERPOLATIONS[preprocess.interpolation], box=box)
