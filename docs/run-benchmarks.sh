@@ -25,4 +25,4 @@ echo "$(date -u +%F), $(nproc) CPUs: $(lscpu | sed -n 's/^Model name: *//p'), ba
 run --generate "$small" --width 500 --photos "$photos" "${untrained[@]}" --compare
 run --generate "$camera" --width 2000-4000 --photos "$photos" "${untrained[@]}" --compare
 run --generate 600 --width 500 --photos "$photos" --agreement
-run --generate 150 --width 2000-4000 --photos "$photos" --agreement
+run --generate 400 --width 2000-4000 --photos "$photos" --agreement
