@@ -2,7 +2,7 @@
 # Reproduce the CPU figures of docs/benchmarks.md: batch against the naive loop and the DataLoader
 # script (whole processes, mobilenet_v3_small untrained) on ImageNet-sized and camera-sized JPEGs,
 # then the default model's top-1 agreement with its reference preprocessing. Run it on an idle
-# machine from the repository root after the README's setup; it takes about 15 minutes on 2 cores.
+# machine from the repository root after the README's setup; it takes about 10 minutes on 2 cores.
 set -euo pipefail
 
 usage="usage: docs/run-benchmarks.sh [SMALL_IMAGES (3000)] [CAMERA_IMAGES (400)]"
