@@ -76,8 +76,9 @@ def generate_images(folder: Path, count: int, widths: tuple[int, int], photos: S
     One process per CPU: encoding a camera-sized JPEG takes a quarter of a second."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"generated-{number:06d}.jpg", number, widths, tuple(photos), seed) for number in range(count)]
-    with multiprocessing.get_context("fork").Pool(min(JobEnvironment().cpus(), max(count, 1))) as pool:
-        return pool.starmap(_generate_image, jobs, chunksize=max(1, count // (8 * JobEnvironment().cpus())))
+    cpus = JobEnvironment().cpus()
+    with multiprocessing.get_context("fork").Pool(min(cpus, max(count, 1))) as pool:
+        return pool.starmap(_generate_image, jobs, chunksize=max(1, count // (8 * cpus)))
 
 
 def _generate_image(path: Path, number: int, widths: tuple[int, int], photos: tuple[str, ...], seed: int) -> str:
