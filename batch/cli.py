@@ -91,7 +91,9 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     """
     stop = StopRequest().install()
     _setup_logging(verbose)
+    from batch.commit import OutputError
     from batch.environment import Shard
+    from batch.manifest import ManifestError
     from batch.models import ModelError, PreprocessOverrides
     from batch.pipeline import ClassifyOptions, execute, plan
 
@@ -110,7 +112,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
         raise click.UsageError(str(error)) from None
     try:
         status = execute(run, stop)
-    except ModelError as error:
+    except (ModelError, ManifestError, OutputError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(status)
 
@@ -125,19 +127,45 @@ def _environment():
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
 def index(sources: tuple[str, ...], output: str) -> None:
-    """Walk SOURCES once and write the sorted inputs (path, size, mtime) to a Parquet manifest.
+    """Walk SOURCES once, with many threads, and write their inputs to a Parquet manifest.
 
-    Pass the manifest to `batch classify` so array tasks need not walk the tree themselves.
+    The manifest (path, size, mtime, bucket) is laid out so that each array task of
+    `batch classify MANIFEST` reads only its own part of it.
     """
-    from batch.sources import SourceError, check_sources, collect, write_manifest
+    _setup_logging(False)
+    from batch import manifest
+    from batch.sources import SourceError, check_sources
+    from batch.sources import index as walk
 
     try:
         check_sources(sources)
-        paths = collect(sources)
+        table = walk(sources)
     except SourceError as error:
         raise click.UsageError(str(error)) from None
-    write_manifest(paths, output)
-    click.echo(f"indexed {len(paths)} images into {output}")
+    manifest.write(table, output)
+    click.echo(f"indexed {table.num_rows} images into {output}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("-o", "--to-do", "to_do", required=True, type=click.Path(dir_okay=False),
+              help="Manifest of the inputs without a row, to write.")
+def pending(manifest: str, output: str, to_do: str) -> None:
+    """Write the inputs of MANIFEST that have no row in OUTPUT yet, as a manifest for the next array.
+
+    Prints their number alone on stdout, for scripts (slurm/submit.sh sizes its array with it).
+    """
+    _setup_logging(False)
+    from batch import manifest as manifests
+    from batch.summary import pending as without_rows
+
+    try:
+        table = without_rows(manifest, output)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    manifests.write(table, to_do)
+    click.echo(table.num_rows)
 
 
 @main.command()

@@ -1,27 +1,39 @@
 """Shard commit: the output directory's state, and the only code that publishes or deletes part files.
 
-Layout: OUT/part-SSSSS-of-NNNNN-cCCCCCC.parquet, one file per committed chunk of shard S of N. A chunk
-is written as a hidden staging file (`.part-....parquet.tmp`, invisible to pyarrow, DuckDB, pandas and
-Polars) and appears by an atomic rename. A task killed at any moment therefore leaves whole chunks
-and at most one staging file, which the next run of the same shard deletes before redoing its rows.
+Layout: OUT/part-AAAAA-BBBBB-cCCCCCC.parquet, one file per committed chunk of the task that held
+buckets A to B-1 (`paths.bucket_of`). A chunk is written as a hidden staging file
+(`.part-....parquet.tmp`, invisible to pyarrow, DuckDB, pandas and Polars) and appears by an atomic
+rename. A task killed at any moment therefore leaves whole chunks and at most one staging file.
+
+A task locks its bucket range (a POSIX byte-range lock on OUT/.lock, one byte per bucket), so two
+tasks whose ranges overlap never write at once, whatever array sizes they came from. What a range
+already holds is read from the parts that overlap it, one at a time, so a rerun redoes nothing and
+its memory follows the range, not the output.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.environment import Shard
+from batch import paths as stored
 from batch.writer import read_record, remove_if_present
 
-PART = re.compile(r"^part-(?P<shard>\d{5,})-of-(?P<count>\d{5,})-c(?P<chunk>\d{6,})\.parquet$")
+log = logging.getLogger(__name__)
+
+PART = re.compile(r"^part-(?P<start>\d{5})-(?P<stop>\d{5})-c(?P<chunk>\d{6,})\.parquet$")
+OLD_PART = re.compile(r"^part-\d{5,}-of-\d{5,}-c\d{6,}\.parquet$")  # batch 0.x: contiguous slices
+STAGING = re.compile(r"^\.part-(?P<start>\d{5})-(?P<stop>\d{5})-c\d{6,}\.parquet\.tmp$")
+LOCK_FILE = ".lock"
 
 
 class OutputError(ValueError):
@@ -31,21 +43,27 @@ class OutputError(ValueError):
 @dataclass(frozen=True)
 class Part:
     path: str
-    shard: int
-    count: int
+    buckets: range
     chunk: int
 
+    def meets(self, buckets: range) -> bool:
+        return self.buckets.start < buckets.stop and buckets.start < self.buckets.stop
 
-def part_name(shard: Shard, chunk: int) -> str:
-    return f"part-{shard.index:05d}-of-{shard.count:05d}-c{chunk:06d}.parquet"
+
+def part_name(buckets: range, chunk: int) -> str:
+    return f"part-{buckets.start:05d}-{buckets.stop:05d}-c{chunk:06d}.parquet"
 
 
 def list_parts(root: str) -> list[Part]:
+    """The committed parts, in name order; an output of the older layout is refused, not half read."""
     parts = []
     for name in sorted(os.listdir(root)):
         match = PART.match(name)
         if match:
-            parts.append(Part(os.path.join(root, name), int(match["shard"]), int(match["count"]), int(match["chunk"])))
+            buckets = range(int(match["start"]), int(match["stop"]))
+            parts.append(Part(os.path.join(root, name), buckets, int(match["chunk"])))
+        elif OLD_PART.match(name):
+            raise OutputError(f"{root} holds {name}, written by an older batch with another layout: use a new output")
     return parts
 
 
@@ -70,64 +88,56 @@ def describe_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> st
 
 
 class OutputDir:
-    """One shard's view of OUT: what it already finished, and how it adds more."""
+    """One task's view of OUT: what its bucket range already holds, and how it adds more."""
 
-    def __init__(self, root: str, shard: Shard, identity: dict[str, Any]):
+    def __init__(self, root: str, buckets: range, identity: dict[str, Any]):
         self.root = os.path.abspath(root)
-        self.shard = shard
+        self.buckets = buckets
         self.identity = identity
         self.next_chunk = 0
         self._lock: object | None = None
 
-    def _mine(self, part: Part) -> bool:
-        return part.shard == self.shard.index and part.count == self.shard.count
-
-    def _stale_staging(self) -> list[str]:
-        prefix = f".part-{self.shard.index:05d}-of-{self.shard.count:05d}-"
-        return [os.path.join(self.root, name) for name in os.listdir(self.root) if name.startswith(prefix)]
-
     def _claim(self) -> None:
-        """One writer per shard, held until the process exits: a second would delete the first's staging file."""
-        path = os.path.join(self.root, f".lock-{self.shard.index:05d}-of-{self.shard.count:05d}")
-        handle = open(path, "a")
+        """Lock one byte per bucket, held until the process exits: a second writer of any of these
+        buckets would classify the same new inputs and delete the first's staging file."""
+        handle = open(os.path.join(self.root, LOCK_FILE), "a")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, len(self.buckets), self.buckets.start)
+        except (BlockingIOError, PermissionError):
             handle.close()
             raise OutputError(
-                f"another process is writing shard {self.shard.index} of {self.shard.count} into {self.root}; "
-                "wait for it to end, or choose another output"
+                f"another process is writing buckets {self.buckets.start}-{self.buckets.stop - 1} of {self.root} "
+                "(a task of this or another array); wait for it to end, or choose another output"
             ) from None
-        except OSError:
-            pass  # a filesystem without flock: go on unguarded, as Slurm runs one task per shard anyway
+        except OSError as error:  # a file system without POSIX locks: Slurm runs one task per shard anyway
+            log.warning("cannot lock %s (%s): going on unguarded", handle.name, error.strerror)
         self._lock = handle
 
-    def prepare(self, overwrite: bool) -> set[str]:
-        """Claim the shard, clear its leftovers, and return the paths it already finished (empty with overwrite)."""
+    def prepare(self, overwrite: bool) -> None:
+        """Claim the range, clear its dead staging files, and check (or, with overwrite, remove) its parts."""
         self._claim()
-        for path in self._stale_staging():
-            remove_if_present(path)
+        for name in os.listdir(self.root):
+            match = STAGING.match(name)
+            if match and int(match["start"]) < self.buckets.stop and self.buckets.start < int(match["stop"]):
+                remove_if_present(os.path.join(self.root, name))  # its writer would hold our lock
         parts = list_parts(self.root)
-        mine = [part for part in parts if self._mine(part)]
-        other_layout = [part for part in parts if part.count != self.shard.count]
+        mine = [part for part in parts if part.meets(self.buckets)]
         if overwrite:
-            # Sibling shards of this run may be writing now: only our own parts and parts of another
-            # shard count (which no task of this run owns) are ours to delete.
-            for part in mine + other_layout:
+            straddling = [part for part in mine if not _within(part.buckets, self.buckets)]
+            if straddling:
+                raise OutputError(
+                    f"--overwrite would delete rows of other shards: {os.path.basename(straddling[0].path)} holds "
+                    f"buckets {straddling[0].buckets.start}-{straddling[0].buckets.stop - 1}, this shard "
+                    f"{self.buckets.start}-{self.buckets.stop - 1}; overwrite with the earlier number of shards, "
+                    "or choose another output"
+                )
+            for part in mine:
                 remove_if_present(part.path)
-            return set()
-        if other_layout:
-            raise OutputError(
-                f"{self.root} holds results split into {other_layout[0].count} shards (e.g. "
-                f"{os.path.basename(other_layout[0].path)}), this run uses {self.shard.count}: resume with the "
-                "same number of shards, choose another output, or pass --overwrite"
-            )
-        siblings = [part for part in parts if not self._mine(part)][:1]
+            return
+        siblings = [part for part in parts if not part.meets(self.buckets)][:1]
         for part in mine + siblings:
             self._check_identity(part)
-        if mine:
-            self.next_chunk = max(part.chunk for part in mine) + 1
-        return self._finished_paths(mine)
+        self.next_chunk = 1 + max((part.chunk for part in mine if part.buckets == self.buckets), default=-1)
 
     def _check_identity(self, part: Part) -> None:
         try:
@@ -140,18 +150,26 @@ class OutputDir:
                 "results are never mixed: choose another output or pass --overwrite"
             )
 
-    def _finished_paths(self, parts: list[Part]) -> set[str]:
-        if not parts:
-            return set()
-        table = pq.read_table([part.path for part in parts], columns=["path"])
-        return set(table.column("path").to_pylist())
+    def unfinished(self, inputs: list[str]) -> list[str]:
+        """The inputs without a row yet, reading the overlapping parts one at a time: memory follows the
+        inputs, not the output, whatever array size wrote the parts."""
+        if not inputs:
+            return []
+        wanted = pa.array([os.fsencode(path) for path in inputs], pa.binary())
+        done = set()
+        for part in list_parts(self.root):
+            if part.meets(self.buckets):
+                for rows in _path_batches(part.path):
+                    keys = stored.keys(rows)
+                    done.update(pc.filter(keys, pc.is_in(keys, value_set=wanted)).to_pylist())
+        return [path for path in inputs if os.fsencode(path) not in done] if done else inputs
 
     def staging_path(self) -> str:
-        return os.path.join(self.root, f".{part_name(self.shard, self.next_chunk)}.tmp")
+        return os.path.join(self.root, f".{part_name(self.buckets, self.next_chunk)}.tmp")
 
     def publish(self, staging: str) -> str:
         """Atomically make a closed, fsynced staging file a visible part; the directory entry is synced too."""
-        final = os.path.join(self.root, part_name(self.shard, self.next_chunk))
+        final = os.path.join(self.root, part_name(self.buckets, self.next_chunk))
         os.replace(staging, final)
         directory = os.open(self.root, os.O_RDONLY)
         try:
@@ -160,3 +178,13 @@ class OutputDir:
             os.close(directory)
         self.next_chunk += 1
         return final
+
+
+def _within(inner: range, outer: range) -> bool:
+    return outer.start <= inner.start and inner.stop <= outer.stop
+
+
+def _path_batches(part: str) -> Iterable[pa.RecordBatch]:
+    handle = pq.ParquetFile(part)
+    columns = [name for name in ("path", "path_bytes") if name in handle.schema_arrow.names]
+    return handle.iter_batches(batch_size=65_536, columns=columns)

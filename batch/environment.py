@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping
 
+from batch.paths import BUCKETS
+
 IMAGE_VERSION_VARIABLE = "BATCH_IMAGE_VERSION"
 
 
@@ -20,19 +22,21 @@ class ShardingError(ValueError):
 
 @dataclass(frozen=True)
 class Shard:
+    """Task `index` of `count`: it takes a contiguous range of the fixed buckets that inputs hash to."""
+
     index: int
     count: int
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ShardingError(f"the number of shards must be at least 1, not {self.count}")
+        if not 1 <= self.count <= BUCKETS:
+            raise ShardingError(f"the number of shards must be between 1 and {BUCKETS}, not {self.count}")
         if not 0 <= self.index < self.count:
             raise ShardingError(f"shard index {self.index} is outside 0..{self.count - 1}")
 
-    def slice(self, items: list) -> list:
-        """Contiguous, balanced slices: every item lands in exactly one shard, neighbours stay together."""
-        total = len(items)
-        return items[self.index * total // self.count : (self.index + 1) * total // self.count]
+    @property
+    def buckets(self) -> range:
+        """Balanced to within one bucket; any count covers every bucket exactly once."""
+        return range(self.index * BUCKETS // self.count, (self.index + 1) * BUCKETS // self.count)
 
 
 @dataclass(frozen=True)

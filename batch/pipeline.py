@@ -3,7 +3,7 @@
 `plan` checks everything that can be wrong with the arguments, cheapest first, and creates nothing
 but the output directory (and that only after the model and device are known to be usable); last, it
 reads what earlier runs of this shard finished there, refusing results of another configuration.
-`execute` then walks the sources, takes this shard's slice, skips what was finished, and streams the
+`execute` then reads this shard's buckets of the sources, skips what has a row already, and streams the
 rest through the stages, committing a chunk every `commit_every` seconds.
 """
 
@@ -25,6 +25,7 @@ import batch
 from batch import commit, models, sources
 from batch.decode import Decoded, Preprocess, decode
 from batch.environment import JobEnvironment, Shard
+from batch.paths import BUCKETS
 from batch.inference import Classifier, choose_device, choose_precision, device_name
 from batch.progress import Progress, format_duration
 from batch.stopping import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals
@@ -70,7 +71,6 @@ class Plan:
     batch_size: int
     env: JobEnvironment
     output: commit.OutputDir
-    finished: set[str]
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -91,7 +91,8 @@ class Plan:
             "slurm_array_job_id": self.env.array_job_id,
             "slurm_array_task_id": self.env.array_task_id,
             "image_version": self.env.image_version,
-            "shard": {"index": self.shard.index, "count": self.shard.count},
+            "shard": {"index": self.shard.index, "count": self.shard.count,
+                      "buckets": [self.shard.buckets.start, self.shard.buckets.stop]},  # fmt: skip
         }
 
 
@@ -115,10 +116,10 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     batch_size = options.batch_size or default_batch_size(device)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    identity = {**spec.identity(), "topk": options.topk, "embeddings": options.embeddings}
-    output = commit.OutputDir(options.output, shard, identity)
-    finished = output.prepare(options.overwrite)
-    return Plan(options, spec, device, precision, shard, workers, batch_size, env, output, finished)
+    identity = {**spec.identity(), "topk": options.topk, "embeddings": options.embeddings, "buckets": BUCKETS}
+    output = commit.OutputDir(options.output, shard.buckets, identity)
+    output.prepare(options.overwrite)
+    return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -185,14 +186,16 @@ class Tally:
 def execute(run: Plan, stop: StopRequest) -> int:
     options = run.options
     started = time.monotonic()
-    everything = sources.collect(options.sources)
-    mine = run.shard.slice(everything)
-    todo = [path for path in mine if sources.as_text(path) not in run.finished]
+    buckets = run.shard.buckets
+    mine = sources.collect(options.sources, buckets)
+    todo = run.output.unfinished(mine)
     log.info(
-        "shard %d of %d: %d of %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
-        run.shard.index, run.shard.count, len(mine), len(everything), len(mine) - len(todo), len(todo),
+        "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
+        run.shard.index, run.shard.count, buckets.start, buckets.stop - 1, len(mine), len(mine) - len(todo), len(todo),
         run.spec.name, run.spec.weights, run.device, run.precision,
     )  # fmt: skip
+    if mine and not todo:
+        log.info("nothing to classify: every input of this shard already has a row in %s", options.output)
     tally = Tally()
     if todo and not stop.requested:
         _stream(run, todo, tally, stop)

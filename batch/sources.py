@@ -1,27 +1,22 @@
-"""Sources: turn what the user named (folders, files, @lists, manifests) into one sorted list of paths.
+"""Sources: turn what the user named (folders, files, @lists, manifests) into the inputs of a shard.
 
-The order is the sorted absolute path, so every array task, and every re-run, sees the same list and
-the same shard boundaries. `batch index` walks once and writes that list to a Parquet manifest, so a
-thousand array tasks need not each walk a ten-million-file tree on a shared filesystem.
+A shard is a range of buckets (`paths.bucket_of`), so each source yields only the inputs that hash
+into it: manifests from `batch index` by reading just the row groups that hold those buckets,
+folders and lists by walking them (each task walks the whole tree: index big trees once instead).
 """
 
 from __future__ import annotations
 
 import os
-import stat
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from batch import manifest
+from batch import paths as stored
+from batch.paths import BUCKETS, bucket_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MANIFEST_KEY = b"batch.manifest"
-MANIFEST_SCHEMA = pa.schema(
-    [("path", pa.string()), ("size", pa.int64()), ("mtime", pa.timestamp("ns", tz="UTC"))],
-    metadata={MANIFEST_KEY: b"1"},
-)
 
 
 class SourceError(ValueError):
@@ -30,15 +25,6 @@ class SourceError(ValueError):
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def as_text(path: str) -> str:
-    """The path as it is stored in Parquet: file names that are not UTF-8 get backslash escapes."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def check_sources(sources: Iterable[str]) -> None:
@@ -53,7 +39,7 @@ def check_sources(sources: Iterable[str]) -> None:
                 raise SourceError(f"source directory cannot be read: {target}")
         elif not os.path.exists(target):
             raise SourceError(f"source is a dangling symlink: {target}")
-        elif source.startswith("@") or is_manifest_name(target):
+        elif source.startswith("@") or is_manifest(target):
             if not os.access(target, os.R_OK):
                 raise SourceError(f"cannot read {target}")
         elif not is_image_name(target):
@@ -63,62 +49,46 @@ def check_sources(sources: Iterable[str]) -> None:
             )
 
 
-def is_manifest_name(path: str) -> bool:
-    return path.lower().endswith(".parquet")
+def is_manifest(source: str) -> bool:
+    return not source.startswith("@") and source.lower().endswith(".parquet") and not os.path.isdir(source)
 
 
-def collect(sources: Iterable[str]) -> list[str]:
-    """Every input path named by the sources, absolute, without duplicates, sorted."""
+def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str]:
+    """The inputs named by the sources that fall in `buckets`: absolute, without duplicates, sorted."""
     paths: set[str] = set()
     for source in sources:
-        paths.update(_expand(source))
+        if is_manifest(source):
+            paths.update(stored.from_columns(manifest.read(source, buckets)))
+        else:
+            paths.update(found.path for found in _expand(source) if bucket_of(found.path) in buckets)
     return sorted(paths)
 
 
-def _expand(source: str) -> Iterator[str]:
+def index(sources: Iterable[str]) -> pa.Table:
+    """Every input of the sources with its size and mtime, as a manifest table; manifests are refused."""
+    counter = manifest.Counter("indexing")
+
+    def everything() -> Iterator[manifest.Found]:
+        for source in sources:
+            if is_manifest(source):
+                raise SourceError(f"{source} is a manifest already: index the folders it was made from")
+            for found in _expand(source):
+                counter.tick()
+                yield found
+
+    return manifest.table_of(everything())
+
+
+def _expand(source: str) -> Iterator[manifest.Found]:
     if source.startswith("@"):
         yield from read_list(source[1:])
     elif os.path.isdir(source):
-        yield from walk(source)
-    elif is_manifest_name(source):
-        yield from read_manifest(source)
+        yield from manifest.walk(source, is_image_name)
     else:
-        yield os.path.abspath(source)
+        yield manifest.describe(os.path.abspath(source))
 
 
-def walk(root: str) -> Iterator[str]:
-    """Image files below root, following symlinked folders but never into a loop.
-
-    Anything with an image extension that is not a folder is an input, dangling symlinks and
-    unreadable files included: each gets a row that says what is wrong with it.
-    """
-    seen: set[tuple[int, int]] = set()
-    pending = [os.path.abspath(root)]
-    while pending:
-        folder = pending.pop()
-        try:
-            info = os.stat(folder)
-        except OSError:
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue  # an unreadable sub-folder has no names to report
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()  # follows symlinks
-            except OSError:
-                is_dir = False
-            if is_dir:
-                pending.append(entry.path)
-            elif is_image_name(entry.name):
-                yield entry.path
-
-
-def read_list(list_file: str) -> Iterator[str]:
+def read_list(list_file: str) -> Iterator[manifest.Found]:
     """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list."""
     base = os.path.dirname(os.path.abspath(list_file))
     with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:
@@ -128,51 +98,6 @@ def read_list(list_file: str) -> Iterator[str]:
                 continue
             path = os.path.join(base, entry)
             if os.path.isdir(path):
-                yield from walk(path)
+                yield from manifest.walk(path, is_image_name)
             else:
-                yield os.path.abspath(path)
-
-
-def read_manifest(manifest: str) -> list[str]:
-    try:
-        schema = pq.read_schema(manifest)
-    except (OSError, pa.ArrowException) as error:
-        raise SourceError(f"{manifest} is not a readable Parquet manifest: {error}") from None
-    if "path" not in schema.names:
-        raise SourceError(f"{manifest} has no 'path' column; write manifests with `batch index`")
-    return pq.read_table(manifest, columns=["path"]).column("path").to_pylist()
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    size: int | None
-    mtime_ns: int | None
-
-
-def facts(path: str) -> FileFacts:
-    try:
-        info = os.stat(path)
-    except OSError:
-        try:
-            info = os.lstat(path)
-        except OSError:
-            return FileFacts(None, None)
-    size = info.st_size if stat.S_ISREG(info.st_mode) else None
-    return FileFacts(size, info.st_mtime_ns)
-
-
-def write_manifest(paths: list[str], output: str) -> None:
-    """Write the sorted inputs with their size and mtime, atomically, so a half-written manifest never exists."""
-    known = [facts(path) for path in paths]
-    table = pa.table(
-        {
-            "path": pa.array([as_text(path) for path in paths], pa.string()),
-            "size": pa.array([fact.size for fact in known], pa.int64()),
-            "mtime": pa.array([fact.mtime_ns for fact in known], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
-        },
-        schema=MANIFEST_SCHEMA,
-    )
-    target = Path(output)
-    staging = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, staging, compression="zstd")
-    os.replace(staging, target)
+                yield manifest.describe(os.path.abspath(path))

@@ -2,6 +2,8 @@
 
 Healthy means: no path has two rows, all parts share one configuration, and (given a manifest) every
 input of the manifest has a row. A Slurm job that runs after the array can use the exit status.
+Everything is counted with Arrow's hash kernels over the exact names (`paths.keys`), never Python
+sets: ten million rows against a ten-million-row manifest fit in the summary job's memory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch import manifest as manifests
+from batch import paths as stored
 from batch.commit import list_parts
-from batch.sources import read_manifest
 from batch.writer import read_record
 
 SHOWN_PATHS = 5
@@ -26,9 +29,10 @@ def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[
     parts = list_parts(output)
     if not parts:
         return f"{output}: no committed results (part-*.parquet)", False
-    table = pq.read_table([part.path for part in parts], columns=["path", "label", "error"])
+    table = pq.read_table([part.path for part in parts], columns=["path", "path_bytes", "label", "error"],
+                          read_dictionary=["label", "error"])  # fmt: skip
     records = [read_record(part.path) for part in parts]
-    lines = [f"{output}: {table.num_rows} rows in {len(parts)} parts from {len({(p.shard, p.count) for p in parts})} shards"]
+    lines = [f"{output}: {table.num_rows} rows in {len(parts)} parts from {len({p.buckets for p in parts})} shards"]
     lines += _errors(table)
     lines += _labels(table, top)
     lines += _throughput(records)
@@ -40,23 +44,27 @@ def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[
 
 
 def _errors(table: pa.Table) -> list[str]:
-    errors = table.column("error").drop_null().to_pylist()
-    if not errors:
+    failed = table.num_rows - table.column("error").null_count
+    if not failed:
         return ["errors: none"]
-    kinds = Counter(error.split(":", 1)[0] for error in errors)
-    share = 100 * len(errors) / table.num_rows
-    return [f"errors: {len(errors)} ({share:.2f}%)"] + [f"  {count:>9}  {kind}" for kind, count in kinds.most_common()]
+    kinds: Counter[str] = Counter()
+    for error, count in _counts(table.column("error")).items():
+        kinds[error.split(":", 1)[0]] += count
+    share = 100 * failed / table.num_rows
+    return [f"errors: {failed} ({share:.2f}%)"] + [f"  {count:>9}  {kind}" for kind, count in kinds.most_common()]
 
 
 def _labels(table: pa.Table, top: int) -> list[str]:
-    labels = table.column("label").drop_null()
-    if not len(labels):
+    counts = _counts(table.column("label"))
+    if not counts:
         return []
-    counts = pa.table({"label": labels}).group_by("label").aggregate([("label", "count")]).sort_by(
-        [("label_count", "descending"), ("label", "ascending")]
-    )
-    rows = counts.slice(0, top).to_pylist()
-    return ["top labels:"] + [f"  {row['label_count']:>9}  {row['label']}" for row in rows]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return ["top labels:"] + [f"  {count:>9}  {label}" for label, count in ranked]
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """Rows per distinct value, nulls left out: as many entries as labels or error texts, not rows."""
+    return {item["values"]: item["counts"] for item in pc.value_counts(column.drop_null()).to_pylist()}
 
 
 def _throughput(records: list[dict]) -> list[str]:
@@ -78,12 +86,12 @@ def _throughput(records: list[dict]) -> list[str]:
 
 
 def _doubles(table: pa.Table) -> list[str]:
-    counts = table.group_by("path").aggregate([("path", "count")])
-    doubled = counts.filter(pc.greater(counts.column("path_count"), 1))
-    if not doubled.num_rows:
+    keys = pa.table({"key": stored.keys(table)})
+    counts = keys.group_by("key").aggregate([("key", "count")])
+    doubled = counts.filter(pc.greater(counts.column("key_count"), 1)).column("key")
+    if not len(doubled):
         return []
-    examples = doubled.column("path").to_pylist()[:SHOWN_PATHS]
-    return [f"DOUBLED: {doubled.num_rows} paths have more than one row, e.g. " + ", ".join(examples)]
+    return [f"DOUBLED: {len(doubled)} paths have more than one row, e.g. " + _examples(doubled)]
 
 
 def _mixed(records: list[dict]) -> list[str]:
@@ -93,17 +101,37 @@ def _mixed(records: list[dict]) -> list[str]:
     return [f"MIXED: parts come from {len(identities)} different configurations (model, weights, preprocessing, top-k)"]
 
 
+def pending(manifest: str, output: str) -> pa.Table:
+    """The rows of a `batch index` manifest that have no row in OUTPUT yet: a manifest for the next array."""
+    table = manifests.read_laid_out(manifest)
+    parts = list_parts(output) if os.path.isdir(output) else []
+    if not parts:
+        return table
+    present = stored.keys(pq.read_table([part.path for part in parts], columns=["path", "path_bytes"]))
+    return table.filter(_absent(stored.keys(table), present))
+
+
+def _absent(keys: pa.ChunkedArray, present: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.invert(pc.is_in(keys, value_set=present))
+
+
 def _missing(table: pa.Table, manifest: str) -> list[str]:
-    expected = set(read_manifest(manifest))
-    present = set(table.column("path").to_pylist())
+    expected = stored.keys(manifests.read(manifest))
+    present = stored.keys(table)
     problems = []
-    missing = sorted(expected - present)
-    if missing:
+    missing = pc.filter(expected, _absent(expected, present))
+    if len(missing):
         problems.append(
             f"MISSING: {len(missing)} of {len(expected)} inputs in {os.path.basename(manifest)} have no row, e.g. "
-            + ", ".join(missing[:SHOWN_PATHS])
+            + _examples(missing)
         )
-    extra = sorted(present - expected)
-    if extra:
-        problems.append(f"EXTRA: {len(extra)} rows are not in the manifest, e.g. " + ", ".join(extra[:SHOWN_PATHS]))
+    extra = pc.filter(present, _absent(present, expected))
+    if len(extra):
+        problems.append(f"EXTRA: {len(extra)} rows are not in the manifest, e.g. " + _examples(extra))
     return problems
+
+
+def _examples(keys: pa.Array | pa.ChunkedArray) -> str:
+    """The first few, sorted, shown as the `path` column shows them."""
+    shown = pc.sort_indices(keys)[:SHOWN_PATHS]
+    return ", ".join(stored.readable(os.fsdecode(key)) for key in keys.take(shown).to_pylist())

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from batch.decode import Decoded
 from batch.inference import Predictions
-from batch.sources import as_text
+from batch.paths import path_columns
 
 ROW_GROUP_ROWS = 32_768
 METADATA_KEY = b"batch"
@@ -27,6 +27,7 @@ METADATA_KEY = b"batch"
 def schema(embeddings: bool) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
+        pa.field("path_bytes", pa.binary()),  # the exact name, only where `path` had to escape bytes
         pa.field("label", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("topk_ids", pa.list_(pa.int32())),
@@ -59,7 +60,7 @@ class RowBuilder:
         if answers is not None:
             ids[good], scores[good] = answers.topk_ids, answers.topk_scores
         columns: dict[str, pa.Array] = {
-            "path": pa.array([as_text(path) for path in paths], pa.string()),
+            **path_columns(paths),
             "label": pa.array(self.labels[ids[:, 0]], pa.string(), mask=~good),
             "score": pa.array(scores[:, 0], pa.float32(), mask=~good),
             "topk_ids": _lists(ids, pa.int32(), failed),

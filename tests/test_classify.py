@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from batch.commit import OutputDir
+from batch.environment import Shard
 from batch.models import sha256_of
 from batch.writer import read_record
 from tests import images
@@ -24,7 +26,7 @@ from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
 from tests.images import small_images
 
 EXPECTED_SCHEMA = pa.schema(
-    [("path", pa.string(), False), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
+    [("path", pa.string(), False), ("path_bytes", pa.binary()), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
      ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())), ("width", pa.int32()),
      ("height", pa.int32()), ("error", pa.string())]
 )  # fmt: skip
@@ -149,11 +151,12 @@ def test_shards_from_options_and_from_a_slurm_array_cover_every_input_once(awkwa
     array = {"SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_JOB_ID": "7"}
     for task in ("2", "3"):
         run_batch("classify", *sources, "-o", output, *FAST, env={**array, "SLURM_ARRAY_TASK_ID": task})
-    assert [name[:19] for name in part_files(output)] == [f"part-0000{i}-of-00003" for i in range(3)]
+    assert [name[:16] for name in part_files(output)] == ["part-00000-21845", "part-21845-43690", "part-43690-65536"]
     paths = [row["path"] for row in read_rows(output)]
     assert sorted(paths) == sorted(str(p) for p in [*(awkward_folder / "good").iterdir(), *photos.glob("*.jpg")])
-    other = run_batch("classify", *sources, "-o", output, *FAST, "--num-shards", "2", "--shard-index", "0", check=False)
-    assert other.returncode == 2 and "split into 3 shards" in other.stderr
+    other = run_batch("classify", *sources, "-o", output, *FAST, "--num-shards", "2", "--shard-index", "0")
+    assert "0 to classify" in other.stderr and "nothing to classify: every input of this shard already has a row" in other.stderr
+    assert len(read_rows(output)) == len(paths)
 
 
 def test_a_different_configuration_is_refused_unless_overwrite(photos, tmp_path):
@@ -272,7 +275,7 @@ def test_sigkill_at_any_moment_loses_at_most_the_chunk_in_flight(tmp_path):
     process.communicate()
     committed = len(read_rows(output))
     assert 0 < committed < len(inputs), "the kill should land mid-run"
-    staging = output / ".part-00000-of-00001-c999999.parquet.tmp"
+    staging = output / ".part-00000-65536-c999999.parquet.tmp"
     staging.write_bytes(b"PAR1 half-written")  # what a kill mid-write leaves: invisible to readers
     assert len(ds.dataset(output, format="parquet").to_table()) == committed
     assert duckdb_one(f"select count(*) from read_parquet('{output}/**/*.parquet')") == (committed,)
@@ -304,15 +307,17 @@ def test_row_groups_hold_many_rows_not_one_batch(tmp_path):
     assert (metadata.num_row_groups, metadata.num_rows) == (1, 40)
 
 
-def test_a_second_process_on_the_same_shard_is_refused(tmp_path):
-    small_images(tmp_path / "in", 400)
+def test_a_second_process_on_overlapping_buckets_is_refused(photos, tmp_path):
     output = tmp_path / "out"
-    process = start_slow_run(tmp_path / "in", output)
-    wait_for_parts(output, 1, process)
-    second = run_batch("classify", tmp_path / "in", "-o", output, *FAST, check=False)
-    process.kill()
-    process.communicate()
-    assert second.returncode == 2 and "another process is writing shard 0 of 1" in second.stderr
+    output.mkdir()
+    running = OutputDir(str(output), Shard(1, 2).buckets, identity={})  # what a running task of a 2-task array holds
+    running.prepare(overwrite=False)
+    same = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "2", "--shard-index", "1", check=False)
+    assert same.returncode == 2 and "another process is writing buckets 32768-65535" in same.stderr
+    overlapping = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "3", "--shard-index", "1", check=False)
+    assert overlapping.returncode == 2 and "another process is writing buckets 21845-43689" in overlapping.stderr
+    beside = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "4", "--shard-index", "1")
+    assert "classified" in beside.stderr
 
 
 def test_embeddings_of_a_model_file_are_refused_before_work(tmp_path, photos):

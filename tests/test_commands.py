@@ -11,20 +11,24 @@ import pytest
 import torch
 
 import batch
+from batch.paths import bucket_of
 from tests import images
 from tests.conftest import FAST, read_rows, run_batch
 
-def test_index_writes_a_sorted_manifest_that_classify_reads(awkward_folder, photos, tmp_path):
+def test_index_writes_a_manifest_sorted_by_bucket_that_classify_reads(awkward_folder, photos, tmp_path):
     manifest = tmp_path / "inputs.parquet"
-    result = run_batch("index", awkward_folder / "good", photos, "-o", manifest)
+    result = run_batch("index", awkward_folder / "good", photos, photos / "coffee.jpg", "-o", manifest)
     table = pq.read_table(manifest)
     assert f"indexed {table.num_rows} images" in result.stdout
-    assert table.schema.names == ["path", "size", "mtime"] and table.schema.field("mtime").type == pa.timestamp("ns", "UTC")
+    assert table.schema.names == ["path", "path_bytes", "bucket", "size", "mtime"]
+    assert table.schema.field("mtime").type == pa.timestamp("ns", "UTC")
     paths = table.column("path").to_pylist()
-    assert paths == sorted(paths) and len(paths) == len(images.GOOD) + 3
+    assert len(paths) == len(images.GOOD) + 3, "a file named twice is one input"
+    assert table.column("bucket").to_pylist() == [bucket_of(path) for path in paths]
+    assert list(zip(table.column("bucket").to_pylist(), paths)) == sorted(zip(table.column("bucket").to_pylist(), paths))
     assert table.column("size").to_pylist()[paths.index(str(photos / "rocket.jpg"))] == os.path.getsize(photos / "rocket.jpg")
     run_batch("classify", manifest, "-o", tmp_path / "out", *FAST)
-    assert sorted(row["path"] for row in read_rows(tmp_path / "out")) == paths
+    assert sorted(row["path"] for row in read_rows(tmp_path / "out")) == sorted(paths)
 
 
 def test_summary_reports_and_checks_against_the_manifest(awkward_folder, tmp_path):
@@ -44,8 +48,8 @@ def test_summary_reports_and_checks_against_the_manifest(awkward_folder, tmp_pat
     assert "top labels:" in report and "images/s per task" in report and "devices: cpu (2 parts)" in report
     assert "every input is present" in report
 
-    part = sorted(output.glob("part-00001-*.parquet"))[0]
-    shutil.copy(part, output / "part-00001-of-00002-c000001.parquet")  # the same rows twice
+    part = sorted(output.glob("part-32768-65536-*.parquet"))[0]
+    shutil.copy(part, output / "part-32768-65536-c000001.parquet")  # the same rows twice
     doubled = run_batch("summary", output, check=False)
     assert doubled.returncode == 1 and "DOUBLED:" in doubled.stdout
 

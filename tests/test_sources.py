@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 from batch.environment import JobEnvironment, Shard, ShardingError
+from batch.paths import BUCKETS
 from batch.sources import SourceError, check_sources, collect
 from tests import images
 
@@ -49,12 +50,23 @@ def test_bad_sources_are_named(tmp_path, monkeypatch, source, message):
         check_sources([source])
 
 
-@pytest.mark.parametrize("count", [1, 3, 7, 16])
-def test_shards_partition_the_inputs_exactly(count):
-    items = list(range(101))
-    slices = [Shard(index, count).slice(items) for index in range(count)]
-    assert sorted(sum(slices, [])) == items
-    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+@pytest.mark.parametrize("count", [1, 3, 7, 1000, BUCKETS])
+def test_shards_of_any_count_partition_the_buckets_exactly(count):
+    ranges = [Shard(index, count).buckets for index in range(count)]
+    assert [bucket for buckets in ranges for bucket in buckets] == list(range(BUCKETS))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_more_shards_than_buckets_is_refused():
+    with pytest.raises(ShardingError, match=f"between 1 and {BUCKETS}"):
+        Shard(0, BUCKETS + 1)
+
+
+def test_each_input_is_in_exactly_one_shard_whatever_the_count(awkward_folder):
+    everything = collect([str(awkward_folder)])
+    for count in (1, 2, 5):
+        shards = [collect([str(awkward_folder)], Shard(index, count).buckets) for index in range(count)]
+        assert sorted(path for shard in shards for path in shard) == everything
 
 
 def test_array_that_starts_at_one_and_steps_by_two():

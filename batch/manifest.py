@@ -1,0 +1,235 @@
+"""Manifests: the inputs of a tree written once, laid out so an array task reads only its own buckets.
+
+`batch index` walks the tree with many threads (on a parallel file system each `stat` is a round
+trip, and threads overlap them) and writes path, size, mtime and bucket, sorted by bucket then path,
+in row groups of `ROW_GROUP_ROWS`. A task reads the footer, picks the row groups whose bucket
+statistics meet its range and reads those alone: its memory and start-up follow its share, not the
+tree. The key-value metadata `batch.manifest` says a file is laid out so; any other Parquet file with
+a `path` column still works, but every task then reads all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import stat
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batch import paths as stored
+from batch.paths import BUCKETS, bucket_of
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_ROWS = 65_536
+LAYOUT_KEY = b"batch.manifest"
+LAYOUT = {"version": 2, "buckets": BUCKETS, "sorted_by": ["bucket", "path"]}
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("path_bytes", pa.binary()),
+        ("bucket", pa.uint16()),
+        ("size", pa.int64()),
+        ("mtime", pa.timestamp("ns", tz="UTC")),
+    ],
+    metadata={LAYOUT_KEY: json.dumps(LAYOUT, sort_keys=True).encode()},
+)
+WALK_THREADS = 32  # stat round trips to a metadata server overlap; local disks do not mind
+PROGRESS_SECONDS = 10.0
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be read; the message names it."""
+
+
+# --- walking -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    path: str
+    size: int | None  # None: not a regular file (dangling symlink, FIFO...), which still gets a row
+    mtime_ns: int | None
+
+
+@dataclass
+class _Folder:
+    files: list[Found] = field(default_factory=list)
+    folders: list[tuple[str, tuple[int, int]]] = field(default_factory=list)  # path, (device, inode)
+
+
+def walk(root: str, is_input: Callable[[str], bool], threads: int = WALK_THREADS) -> Iterator[Found]:
+    """Every input below root, following symlinked folders but never into a loop; folders are listed
+    and their files stat-ed by `threads` threads at once. Order is not defined: callers sort."""
+    root = os.path.abspath(root)
+    try:
+        top = os.stat(root)
+    except OSError:
+        return
+    seen = {(top.st_dev, top.st_ino)}
+    done: queue.SimpleQueue[Future[_Folder]] = queue.SimpleQueue()
+    with ThreadPoolExecutor(threads, thread_name_prefix="walk") as pool:
+        pending = 1
+        pool.submit(_list_folder, root, is_input).add_done_callback(done.put)
+        while pending:
+            folder = done.get().result()
+            pending -= 1
+            yield from folder.files
+            for path, identity in folder.folders:
+                if identity not in seen:
+                    seen.add(identity)
+                    pending += 1
+                    pool.submit(_list_folder, path, is_input).add_done_callback(done.put)
+
+
+def _list_folder(folder: str, is_input: Callable[[str], bool]) -> _Folder:
+    listed = _Folder()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return listed  # an unreadable sub-folder has no names to report
+    for entry in entries:
+        try:
+            info = entry.stat()  # follows symlinks
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            listed.folders.append((entry.path, (info.st_dev, info.st_ino)))
+        elif is_input(entry.name):
+            listed.files.append(_found(entry.path, info))
+    return listed
+
+
+def _found(path: str, info: os.stat_result | None) -> Found:
+    if info is None:  # dangling symlink: its own mtime still says when it changed
+        try:
+            return Found(path, None, os.lstat(path).st_mtime_ns)
+        except OSError:
+            return Found(path, None, None)
+    return Found(path, info.st_size if stat.S_ISREG(info.st_mode) else None, info.st_mtime_ns)
+
+
+def describe(path: str) -> Found:
+    """Size and mtime of one named input (a file given directly or in a @list)."""
+    try:
+        return _found(path, os.stat(path))
+    except OSError:
+        return _found(path, None)
+
+
+class Counter:
+    """Logs how many inputs a long walk has found, every PROGRESS_SECONDS."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.started = what, 0, time.monotonic()
+        self._last = self.started
+
+    def tick(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_SECONDS:
+            self._last = now
+            log.info("%s: %d inputs so far, %.0f/s", self.what, self.count, self.count / (now - self.started))
+
+
+# --- writing and reading -------------------------------------------------------------------------
+
+
+def table_of(found: Iterable[Found]) -> pa.Table:
+    """The manifest's rows, in the order tasks read them: by bucket, then by path."""
+    names: list[str] = []
+    sizes: list[int | None] = []
+    mtimes: list[int | None] = []
+    for item in found:  # three flat lists: ten million small objects would need gigabytes
+        names.append(item.path)
+        sizes.append(item.size)
+        mtimes.append(item.mtime_ns)
+    table = pa.table(
+        {
+            **stored.path_columns(names),
+            "bucket": pa.array([bucket_of(name) for name in names], pa.uint16()),
+            "size": pa.array(sizes, pa.int64()),
+            "mtime": pa.array(mtimes, pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+        },
+        schema=SCHEMA,
+    )
+    keyed = table.append_column("key", stored.keys(table)).sort_by([("bucket", "ascending"), ("key", "ascending")])
+    key = keyed.column("key")
+    if keyed.num_rows > 1:  # one file named by two sources keeps one row
+        differs = pc.not_equal(key.slice(1), key.slice(0, keyed.num_rows - 1)).combine_chunks()
+        keyed = keyed.filter(pa.concat_arrays([pa.array([True]), differs]))
+    return keyed.drop_columns(["key"])
+
+
+def write(table: pa.Table, output: str) -> None:
+    """Atomically: a half-written manifest never exists under its name."""
+    target = Path(output)
+    staging = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, staging, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    os.replace(staging, target)
+
+
+def is_laid_out(schema: pa.Schema) -> bool:
+    """Whether the file was written by `batch index` for this bucket count, so row groups can be skipped."""
+    raw = (schema.metadata or {}).get(LAYOUT_KEY)
+    try:
+        return raw is not None and json.loads(raw).get("buckets") == BUCKETS and "bucket" in schema.names
+    except ValueError:
+        return False
+
+
+def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
+    """The manifest's rows in `buckets` (path and path_bytes), reading only the row groups that hold them."""
+    try:
+        handle = pq.ParquetFile(manifest)
+    except (OSError, pa.ArrowException) as error:
+        raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
+    schema = handle.schema_arrow
+    if "path" not in schema.names:
+        raise ManifestError(f"{manifest} has no 'path' column; write manifests with `batch index`")
+    columns = [name for name in ("path", "path_bytes") if name in schema.names]
+    everything = buckets == range(BUCKETS)
+    if everything or not is_laid_out(schema):
+        if not everything:
+            log.warning("%s was not written by `batch index`: every task reads all of it", manifest)
+        table = handle.read(columns=columns)
+        if everything:
+            return table
+        wanted = [bucket_of(name) in buckets for name in stored.from_columns(table)]
+        return table.filter(pa.array(wanted, pa.bool_()))
+    groups = _row_groups_meeting(handle.metadata, schema.get_field_index("bucket"), buckets)
+    table = handle.read_row_groups(groups, columns=[*columns, "bucket"]) if groups else SCHEMA.empty_table()
+    bucket = table.column("bucket")
+    inside = pc.and_(pc.greater_equal(bucket, buckets.start), pc.less(bucket, buckets.stop))
+    return table.filter(inside).select(["path", "path_bytes"])
+
+
+def read_laid_out(manifest: str) -> pa.Table:
+    """All of a manifest that `batch index` wrote, every column, for writing a subset of it."""
+    try:
+        schema = pq.read_schema(manifest)
+    except (OSError, pa.ArrowException) as error:
+        raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
+    if not is_laid_out(schema):
+        raise ManifestError(f"{manifest} was not written by this version of `batch index`: index the tree again")
+    return pq.read_table(manifest, schema=SCHEMA)
+
+
+def _row_groups_meeting(metadata: pq.FileMetaData, column: int, buckets: range) -> list[int]:
+    groups = []
+    for index in range(metadata.num_row_groups):
+        statistics = metadata.row_group(index).column(column).statistics
+        if statistics is None or not statistics.has_min_max:
+            groups.append(index)
+        elif statistics.min < buckets.stop and statistics.max >= buckets.start:
+            groups.append(index)
+    return groups
