@@ -129,14 +129,14 @@ def describe(path: str) -> Found:
 class Counter:
     """Logs how many inputs a long walk has found, every PROGRESS_SECONDS."""
 
-    def __init__(self, what: str):
-        self.what, self.count, self.started = what, 0, time.monotonic()
+    def __init__(self, what: str, interval: float = PROGRESS_SECONDS):
+        self.what, self.interval, self.count, self.started = what, interval, 0, time.monotonic()
         self._last = self.started
 
     def tick(self) -> None:
         self.count += 1
         now = time.monotonic()
-        if now - self._last >= PROGRESS_SECONDS:
+        if now - self._last >= self.interval:
             self._last = now
             log.info("%s: %d inputs so far, %.0f/s", self.what, self.count, self.count / (now - self.started))
 
