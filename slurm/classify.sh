@@ -23,7 +23,8 @@
 #                        GPUs through CDI, BATCH_PODMAN_DEVICES (default nvidia.com/gpu=all, empty: none)
 #   none                 the `batch` on PATH
 # BATCH_BIND: more paths to bind, comma-separated (the folders a manifest's images live in).
-# BATCH_STEP: classify (default); index and summary are used by slurm/submit.sh.
+# BATCH_STEP: classify (default); index, pending and summary are slurm/submit.sh's. The summary step
+#   also names the tasks of array BATCH_ARRAY_JOB that did not complete, and then fails.
 #
 # Time limits: Slurm sends USR1 two minutes before the limit (and TERM on `scontrol requeue`); this
 # script passes it on, batch commits what it has and exits 75, and the task is requeued: the next
@@ -45,20 +46,26 @@ step=${BATCH_STEP:-classify}
 runtime=${BATCH_RUNTIME:-apptainer}
 readonly EXIT_INTERRUPTED=75 # batch committed its work and stopped on a signal
 
-case $step in
-    classify) command=(batch classify "$input" -o "$output" "$@") ;;
-    index) command=(batch index "$input" -o "$output") ;;
-    summary) command=(batch summary "$input" --manifest "$output") ;;
-    *) echo "BATCH_STEP must be classify, index or summary, not '$step'" >&2 && exit 2 ;;
-esac
-if [[ $step == classify ]]; then
-    mkdir -p "$output"
-fi
-
 # The container sees each path where it is on the host, so paths in the results are host paths.
 folder_of() { if [[ -d $1 ]]; then realpath "$1"; else dirname "$(realpath "$1")"; fi; }
 read_only=("$(folder_of "${input#@}")")
 writable=("$(folder_of "$output")")
+
+case $step in
+    classify) command=(batch classify "$input" -o "$output" "$@") ;;
+    index) command=(batch index "$input" -o "$output") ;;
+    pending) # INPUT: the manifest, OUTPUT: the results, then TO_DO: the manifest to write
+        (($# == 1)) || usage
+        command=(batch pending "$input" "$output" -o "$1")
+        writable=("$(folder_of "$1")")
+        read_only+=("$(folder_of "$output")")
+        ;;
+    summary) command=(batch summary "$input" --manifest "$output") ;;
+    *) echo "BATCH_STEP must be classify, index, pending or summary, not '$step'" >&2 && exit 2 ;;
+esac
+if [[ $step == classify ]]; then
+    mkdir -p "$output"
+fi
 IFS=',' read -r -a extra <<<"${BATCH_BIND:-}"
 read_only+=("${extra[@]}")
 
@@ -95,7 +102,8 @@ case $runtime in
     *) echo "BATCH_RUNTIME must be apptainer, podman or none, not '$runtime'" >&2 && exit 2 ;;
 esac
 
-echo "$(date -Is) ${SLURM_JOB_ID:+job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} }on $(hostname): ${launcher[*]} ${command[*]}"
+# Our own lines go to stderr (the same log in a job), so a step's stdout is batch's alone.
+echo "$(date -Is) ${SLURM_JOB_ID:+job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} }on $(hostname): ${launcher[*]} ${command[*]}" >&2
 
 # Run in the background so this shell can take USR1/TERM and pass it on. A trapped signal ends `wait`
 # early, so wait again until the classifier has committed and exited (a zombie still answers kill -0,
@@ -115,7 +123,21 @@ done
 
 if ((status == EXIT_INTERRUPTED)) && [[ -n ${SLURM_JOB_ID:-} ]]; then
     task=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
-    echo "$(date -Is) stopped before the end; requeueing ${task:-$SLURM_JOB_ID} to resume"
-    scontrol requeue "${task:-$SLURM_JOB_ID}" || echo "requeue refused (already requeued?)"
+    echo "$(date -Is) stopped before the end; requeueing ${task:-$SLURM_JOB_ID} to resume" >&2
+    scontrol requeue "${task:-$SLURM_JOB_ID}" || echo "requeue refused (already requeued?)" >&2
+fi
+
+# Array task states: from accounting where the site keeps it, else from the controller's memory
+# (which keeps ended jobs for MinJobAge, 300 s by default: the summary runs right after the array).
+task_states() {
+    sacct --noheader --parsable2 --allocations --jobs="$1" --format=JobID,State 2>/dev/null ||
+        squeue --noheader --array --states=all --jobs="$1" --format='%i|%T'
+}
+if [[ $step == summary && -n ${BATCH_ARRAY_JOB:-} ]]; then
+    failed=$(task_states "$BATCH_ARRAY_JOB" | awk -F'|' '$2 != "COMPLETED" {printf " %s (%s)", $1, $2}')
+    if [[ -n $failed ]]; then
+        echo "FAILED: array tasks that did not complete:$failed; their logs say why" >&2
+        status=1
+    fi
 fi
 exit "$status"

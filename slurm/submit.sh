@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Index a folder once, size an array job from the number of images, submit it, and submit a summary
-# job that runs after it and fails loudly if any image is missing or doubled.
+# Index a folder, size an array job from the images that have no result yet, submit it, and submit a
+# summary job that runs after it whatever happened and fails loudly if any task failed or any image
+# is missing or doubled. Run it again when the tree has grown: only the new images are classified.
 #
 #   slurm/submit.sh /data/images /scratch/preds [batch classify options]
 #
 # IMAGES_PER_TASK  images per array task (default 50000). Aim for tasks of minutes, not hours, so a
 #                  requeue loses little and the scheduler can backfill: `batch bench` or a trial
-#                  run tells your images/s.
+#                  run tells your images/s. Capped so the array fits the cluster's MaxArraySize.
 # MAX_RUNNING      array tasks running at once (default 16)
 # SBATCH_OPTIONS   more sbatch options for the array, e.g. "--partition=gpu --cpus-per-task=16"
-# MANIFEST         where the index goes (default: OUTPUT-manifest.parquet, beside OUTPUT)
+# MANIFEST         where the index goes (default: OUTPUT-manifest.parquet, beside OUTPUT); the
+#                  images still to do go beside it, in MANIFEST-todo.parquet
 # The runtime variables of slurm/classify.sh (BATCH_RUNTIME, BATCH_SIF, BATCH_IMAGE...) apply here too.
 set -euo pipefail
 
@@ -31,27 +33,39 @@ for number in "$per_task" "$max_running"; do
     [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "IMAGES_PER_TASK and MAX_RUNNING must be positive integers" >&2 && exit 2; }
 done
 
-# Index once, on this node, through the same runtime the tasks use; batch prints "indexed N images".
-indexed=$(BATCH_STEP=index "$here/classify.sh" "$input" "$manifest")
-echo "$indexed"
-count=$(sed -n 's/^indexed \([0-9]*\) images.*/\1/p' <<<"$indexed")
-((count > 0)) || { echo "no images found in $input" >&2 && exit 1; }
-tasks=$(((count + per_task - 1) / per_task))
+# Index once, on this node, through the same runtime the tasks use; then write what has no row yet.
+BATCH_STEP=index "$here/classify.sh" "$input" "$manifest"
+to_do=${manifest%.parquet}-todo.parquet
+count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do")
+[[ $count =~ ^[0-9]+$ ]] || { echo "batch pending printed '$count', not a count" >&2 && exit 1; }
+if ((count == 0)); then
+    echo "nothing to classify: every image in $manifest has a row in $output"
+    exit 0
+fi
 
-# The tasks read the manifest; the images stay where they are, so bind their folder too.
+# Array indices must stay below MaxArraySize, and a task takes at least one of batch's 65536 buckets.
+max_array=$(scontrol show config | awk '$1 == "MaxArraySize" {print $3}')
+((max_array > 65536)) && max_array=65536
+tasks=$(((count + per_task - 1) / per_task))
+if ((tasks > max_array)); then
+    echo "$tasks tasks of $per_task would pass MaxArraySize=$max_array: using $max_array larger tasks" >&2
+    tasks=$max_array
+fi
+
+# The tasks read the to-do manifest; the images stay where they are, so bind their folder too.
 read -r -a options <<<"${SBATCH_OPTIONS:-}"
 array=$(BATCH_BIND=$(realpath "$input") sbatch --parsable --array="0-$((tasks - 1))%$max_running" "${options[@]}" \
-    "$here/classify.sh" "$manifest" "$output" "$@")
+    "$here/classify.sh" "$to_do" "$output" "$@")
 array=${array%%;*}
-summary=$(BATCH_STEP=summary sbatch --parsable --dependency="afterok:$array" --job-name=classify-summary \
-    --output=%x-%j.out --gres=none --cpus-per-task=1 --mem=4G --time=01:00:00 --no-requeue \
-    "$here/classify.sh" "$output" "$manifest")
+summary=$(BATCH_STEP=summary BATCH_ARRAY_JOB=$array sbatch --parsable --dependency="afterany:$array" \
+    --job-name=classify-summary --output=%x-%j.out --gres=none --cpus-per-task=1 --mem=4G --time=01:00:00 \
+    --no-requeue "$here/classify.sh" "$output" "$manifest")
 summary=${summary%%;*}
 
 cat <<EOF
-$count images in $tasks array tasks of up to $per_task, at most $max_running at once
+$count images to classify in $tasks array tasks of about $(((count + tasks - 1) / tasks)), at most $max_running at once
 array job:   $array   logs: $PWD/classify-${array}_<task>.out
-summary job: $summary   log:  $PWD/classify-summary-$summary.out (runs after every task succeeded)
-results:     $output   manifest: $manifest
+summary job: $summary   log:  $PWD/classify-summary-$summary.out (runs when every task has ended; fails if any failed)
+results:     $output   manifest: $manifest   to do: $to_do
 follow with: squeue --me; then: batch summary $output --manifest $manifest
 EOF

@@ -32,6 +32,7 @@ GresTypes=gpu
 ReturnToService=2
 KillWait=10
 MinJobAge=600
+MaxArraySize=4
 StateSaveLocation={state}/ctld
 SlurmdSpoolDir={state}/spool
 SlurmctldPidFile={state}/slurmctld.pid
