@@ -126,7 +126,9 @@ def _environment():
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
-def index(sources: tuple[str, ...], output: str) -> None:
+@click.option("--threads", default=32, show_default=True, type=click.IntRange(1),
+              help="Folders listed and files stat-ed at once: a parallel file system answers many at a time.")
+def index(sources: tuple[str, ...], output: str, threads: int) -> None:
     """Walk SOURCES once, with many threads, and write their inputs to a Parquet manifest.
 
     The manifest (path, size, mtime, bucket) is laid out so that each array task of
@@ -139,7 +141,7 @@ def index(sources: tuple[str, ...], output: str) -> None:
 
     try:
         check_sources(sources)
-        table = walk(sources)
+        table = walk(sources, threads)
     except SourceError as error:
         raise click.UsageError(str(error)) from None
     manifest.write(table, output)
@@ -157,15 +159,12 @@ def pending(manifest: str, output: str, to_do: str) -> None:
     Prints their number alone on stdout, for scripts (slurm/submit.sh sizes its array with it).
     """
     _setup_logging(False)
-    from batch import manifest as manifests
-    from batch.summary import pending as without_rows
+    from batch.summary import pending as write_pending
 
     try:
-        table = without_rows(manifest, output)
+        click.echo(write_pending(manifest, output, to_do))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    manifests.write(table, to_do)
-    click.echo(table.num_rows)
 
 
 @main.command()

@@ -17,10 +17,12 @@ import queue
 import stat
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -170,12 +172,40 @@ def table_of(found: Iterable[Found]) -> pa.Table:
     return keyed.drop_columns(["key"])
 
 
-def write(table: pa.Table, output: str) -> None:
-    """Atomically: a half-written manifest never exists under its name."""
+@contextmanager
+def _atomically(output: str) -> Iterator[Path]:
+    """A staging name to write, renamed onto `output` once whole: a half-written manifest never exists."""
     target = Path(output)
     staging = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, staging, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    os.replace(staging, target)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write(table: pa.Table, output: str) -> None:
+    with _atomically(output) as staging:
+        pq.write_table(table, staging, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+
+
+def copy_rows(manifest: str, rows: np.ndarray | None, output: str) -> int:
+    """Rows `rows` (sorted row numbers; None for all) of a laid-out manifest into a new one, one row group
+    at a time, so memory is that of a row group; how many."""
+    source = pq.ParquetFile(manifest)
+    copied, first = 0, 0
+    with _atomically(output) as staging, pq.ParquetWriter(staging, SCHEMA, compression="zstd") as writer:
+        for group in range(source.num_row_groups):
+            size = source.metadata.row_group(group).num_rows
+            low, high = (0, size) if rows is None else np.searchsorted(rows, [first, first + size])
+            if high > low:
+                table = source.read_row_group(group)
+                writer.write_table(table if rows is None else table.take(rows[low:high] - first))
+                copied += int(high - low)
+            first += size
+        if not copied:
+            writer.write_table(SCHEMA.empty_table())
+    return copied
 
 
 def is_laid_out(schema: pa.Schema) -> bool:
@@ -213,15 +243,13 @@ def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
     return table.filter(inside).select(["path", "path_bytes"])
 
 
-def read_laid_out(manifest: str) -> pa.Table:
-    """All of a manifest that `batch index` wrote, every column, for writing a subset of it."""
+def check_laid_out(manifest: str) -> None:
     try:
         schema = pq.read_schema(manifest)
     except (OSError, pa.ArrowException) as error:
         raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
     if not is_laid_out(schema):
         raise ManifestError(f"{manifest} was not written by this version of `batch index`: index the tree again")
-    return pq.read_table(manifest, schema=SCHEMA)
 
 
 def _row_groups_meeting(metadata: pq.FileMetaData, column: int, buckets: range) -> list[int]:

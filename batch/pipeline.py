@@ -116,10 +116,14 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     batch_size = options.batch_size or default_batch_size(device)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    identity = {**spec.identity(), "topk": options.topk, "embeddings": options.embeddings, "buckets": BUCKETS}
-    output = commit.OutputDir(options.output, shard.buckets, identity)
+    output = commit.OutputDir(options.output, shard.buckets, identity(spec, options.topk, options.embeddings))
     output.prepare(options.overwrite)
     return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)
+
+
+def identity(spec: models.ModelSpec, topk: int, embeddings: bool) -> dict[str, Any]:
+    """What every part of one output must share: the model's answers, their shape, and the bucket layout."""
+    return {**spec.identity(), "topk": topk, "embeddings": embeddings, "buckets": BUCKETS}
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -64,7 +64,7 @@ def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str
     return sorted(paths)
 
 
-def index(sources: Iterable[str]) -> pa.Table:
+def index(sources: Iterable[str], threads: int = manifest.WALK_THREADS) -> pa.Table:
     """Every input of the sources with its size and mtime, as a manifest table; manifests are refused."""
     counter = manifest.Counter("indexing")
 
@@ -72,23 +72,23 @@ def index(sources: Iterable[str]) -> pa.Table:
         for source in sources:
             if is_manifest(source):
                 raise SourceError(f"{source} is a manifest already: index the folders it was made from")
-            for found in _expand(source):
+            for found in _expand(source, threads):
                 counter.tick()
                 yield found
 
     return manifest.table_of(everything())
 
 
-def _expand(source: str) -> Iterator[manifest.Found]:
+def _expand(source: str, threads: int = manifest.WALK_THREADS) -> Iterator[manifest.Found]:
     if source.startswith("@"):
-        yield from read_list(source[1:])
+        yield from read_list(source[1:], threads)
     elif os.path.isdir(source):
-        yield from manifest.walk(source, is_image_name)
+        yield from manifest.walk(source, is_image_name, threads)
     else:
         yield manifest.describe(os.path.abspath(source))
 
 
-def read_list(list_file: str) -> Iterator[manifest.Found]:
+def read_list(list_file: str, threads: int = manifest.WALK_THREADS) -> Iterator[manifest.Found]:
     """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list."""
     base = os.path.dirname(os.path.abspath(list_file))
     with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:
@@ -98,6 +98,6 @@ def read_list(list_file: str) -> Iterator[manifest.Found]:
                 continue
             path = os.path.join(base, entry)
             if os.path.isdir(path):
-                yield from manifest.walk(path, is_image_name)
+                yield from manifest.walk(path, is_image_name, threads)
             else:
                 yield manifest.describe(os.path.abspath(path))

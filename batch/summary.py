@@ -1,9 +1,11 @@
-"""`batch summary`: what a results directory holds, and whether it is whole.
+"""`batch summary`: what a results directory holds, and whether it is whole; `batch pending`: what is not.
 
 Healthy means: no path has two rows, all parts share one configuration, and (given a manifest) every
 input of the manifest has a row. A Slurm job that runs after the array can use the exit status.
-Everything is counted with Arrow's hash kernels over the exact names (`paths.keys`), never Python
-sets: ten million rows against a ten-million-row manifest fit in the summary job's memory.
+Names are compared exactly (`path_bytes` where set, else `path`) by DuckDB, out of core: its hash
+tables over ten million names spill to a temporary folder past `MEMORY_LIMIT` instead of growing,
+so a summary job of a few GB checks any output. Labels and errors are counted by Arrow, as
+dictionaries: as many entries as distinct values, not rows.
 """
 
 from __future__ import annotations
@@ -11,34 +13,40 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import tempfile
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
+import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch import manifest as manifests
-from batch import paths as stored
 from batch.commit import list_parts
 from batch.writer import read_record
 
 SHOWN_PATHS = 5
+MEMORY_LIMIT = "1GB"  # DuckDB's own; the process peaks about 0.5 GB above it
 
 
 def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[str, bool]:
     parts = list_parts(output)
     if not parts:
         return f"{output}: no committed results (part-*.parquet)", False
-    table = pq.read_table([part.path for part in parts], columns=["path", "path_bytes", "label", "error"],
-                          read_dictionary=["label", "error"])  # fmt: skip
-    records = [read_record(part.path) for part in parts]
+    files = [part.path for part in parts]
+    table = pq.read_table(files, columns=["label", "error"], read_dictionary=["label", "error"])
+    records = [read_record(path) for path in files]
     lines = [f"{output}: {table.num_rows} rows in {len(parts)} parts from {len({p.buckets for p in parts})} shards"]
     lines += _errors(table)
     lines += _labels(table, top)
     lines += _throughput(records)
-    problems = _doubles(table) + _mixed(records)
-    if manifest:
-        problems += _missing(table, manifest)
+    with _duckdb() as connection:
+        problems = _doubles(connection, files) + _mixed(records)
+        if manifest:
+            problems += _missing(connection, files, manifest)
     lines += problems or ["complete: every path has exactly one row" + (" and every input is present" if manifest else "")]
     return "\n".join(lines), not problems
 
@@ -85,13 +93,30 @@ def _throughput(records: list[dict]) -> list[str]:
     return lines
 
 
-def _doubles(table: pa.Table) -> list[str]:
-    keys = pa.table({"key": stored.keys(table)})
-    counts = keys.group_by("key").aggregate([("key", "count")])
-    doubled = counts.filter(pc.greater(counts.column("key_count"), 1)).column("key")
-    if not len(doubled):
-        return []
-    return [f"DOUBLED: {len(doubled)} paths have more than one row, e.g. " + _examples(doubled)]
+@contextmanager
+def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
+    with tempfile.TemporaryDirectory(prefix="batch-summary-") as spill:
+        connection = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
+                                            "preserve_insertion_order": False})  # fmt: skip
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+
+def _key(files: str | list[str]) -> str:
+    """The SQL for a row's exact name; a manifest not written by `batch index` may lack `path_bytes`."""
+    first = files if isinstance(files, str) else files[0]
+    return "coalesce(path_bytes, encode(path))" if "path_bytes" in pq.read_schema(first).names else "encode(path)"
+
+
+def _doubles(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> list[str]:
+    count, shown = connection.execute(
+        f"""WITH doubled AS (SELECT min(path) AS path FROM read_parquet($parts) GROUP BY {_key(parts)} HAVING count(*) > 1)
+            SELECT count(*), min(path, {SHOWN_PATHS}) FROM doubled""",
+        {"parts": parts},
+    ).fetchone()
+    return [f"DOUBLED: {count} paths have more than one row, e.g. {', '.join(shown)}"] if count else []
 
 
 def _mixed(records: list[dict]) -> list[str]:
@@ -101,37 +126,39 @@ def _mixed(records: list[dict]) -> list[str]:
     return [f"MIXED: parts come from {len(identities)} different configurations (model, weights, preprocessing, top-k)"]
 
 
-def pending(manifest: str, output: str) -> pa.Table:
-    """The rows of a `batch index` manifest that have no row in OUTPUT yet: a manifest for the next array."""
-    table = manifests.read_laid_out(manifest)
-    parts = list_parts(output) if os.path.isdir(output) else []
-    if not parts:
-        return table
-    present = stored.keys(pq.read_table([part.path for part in parts], columns=["path", "path_bytes"]))
-    return table.filter(_absent(stored.keys(table), present))
+def _missing(connection: duckdb.DuckDBPyConnection, parts: list[str], manifest: str) -> list[str]:
+    def without_match(left: str, right: str) -> tuple[int, list[str]]:
+        return connection.execute(
+            f"""SELECT count(*), min(path, {SHOWN_PATHS}) FROM (SELECT path, {_key(files[left])} AS key FROM read_parquet(${left}))
+                ANTI JOIN (SELECT {_key(files[right])} AS key FROM read_parquet(${right})) USING (key)""",
+            files,
+        ).fetchone()
 
-
-def _absent(keys: pa.ChunkedArray, present: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.invert(pc.is_in(keys, value_set=present))
-
-
-def _missing(table: pa.Table, manifest: str) -> list[str]:
-    expected = stored.keys(manifests.read(manifest))
-    present = stored.keys(table)
+    files = {"manifest": [manifest], "parts": parts}
+    (expected,) = connection.execute("SELECT count(*) FROM read_parquet($manifest)", {"manifest": [manifest]}).fetchone()
     problems = []
-    missing = pc.filter(expected, _absent(expected, present))
-    if len(missing):
-        problems.append(
-            f"MISSING: {len(missing)} of {len(expected)} inputs in {os.path.basename(manifest)} have no row, e.g. "
-            + _examples(missing)
-        )
-    extra = pc.filter(present, _absent(present, expected))
-    if len(extra):
-        problems.append(f"EXTRA: {len(extra)} rows are not in the manifest, e.g. " + _examples(extra))
+    missing, shown = without_match("manifest", "parts")
+    if missing:
+        problems.append(f"MISSING: {missing} of {expected} inputs in {os.path.basename(manifest)} have no row, e.g. {', '.join(shown)}")
+    extra, shown = without_match("parts", "manifest")
+    if extra:
+        problems.append(f"EXTRA: {extra} rows are not in the manifest, e.g. {', '.join(shown)}")
     return problems
 
 
-def _examples(keys: pa.Array | pa.ChunkedArray) -> str:
-    """The first few, sorted, shown as the `path` column shows them."""
-    shown = pc.sort_indices(keys)[:SHOWN_PATHS]
-    return ", ".join(stored.readable(os.fsdecode(key)) for key in keys.take(shown).to_pylist())
+def pending(manifest: str, output: str, to_do: str) -> int:
+    """Write the rows of a `batch index` manifest that have no row in OUTPUT yet, as a manifest for the
+    next array; how many. The rows are picked by number and copied, so sizes and mtimes stay exact."""
+    manifests.check_laid_out(manifest)
+    parts = [part.path for part in list_parts(output)] if os.path.isdir(output) else []
+    if not parts:
+        return manifests.copy_rows(manifest, None, to_do)
+    with _duckdb() as connection:
+        rows = connection.execute(
+            f"""SELECT file_row_number FROM (SELECT file_row_number, {_key(manifest)} AS key
+                                             FROM read_parquet($manifest, file_row_number = true))
+                ANTI JOIN (SELECT {_key(parts)} AS key FROM read_parquet($parts)) USING (key)
+                ORDER BY file_row_number""",
+            {"manifest": [manifest], "parts": parts},
+        ).fetchnumpy()["file_row_number"]
+    return manifests.copy_rows(manifest, np.asarray(rows, np.int64), to_do)

@@ -10,15 +10,17 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.decode import Decoded
-from batch.inference import Predictions
 from batch.paths import path_columns
+
+if TYPE_CHECKING:  # summary and pending read parts through this module, and must not wait for torch
+    from batch.decode import Decoded
+    from batch.inference import Predictions
 
 ROW_GROUP_ROWS = 32_768
 METADATA_KEY = b"batch"

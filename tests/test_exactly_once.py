@@ -9,18 +9,15 @@ import shutil
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batch import manifest
-from batch.decode import Decoded
 from batch.environment import Shard
-from batch.inference import Predictions
-from batch.paths import bucket_of
+from batch.paths import BUCKETS, bucket_of
 from batch.summary import summarize
-from batch.writer import ChunkWriter, RowBuilder
+from benchmarks.scale import write_results
 from tests.conftest import FAST, read_rows, run_batch
 from tests.images import PHOTOS, small_images
 
@@ -107,25 +104,13 @@ def test_a_manifest_of_another_making_still_works_but_is_read_whole(many_inputs,
     assert "every task reads all of it" in caplog.text
 
 
-def write_results(output: Path, paths: list[str], chunk: int) -> None:
-    """Committed parts as a run writes them, `chunk` rows each, without classifying anything."""
-    output.mkdir(exist_ok=True)
-    rows = RowBuilder(["cat", "dog"], 2, embeddings=False)
-    for number, start in enumerate(range(0, len(paths), chunk)):
-        some = paths[start : start + chunk]
-        answers = Predictions(np.tile(np.int32([0, 1]), (len(some), 1)), np.full((len(some), 2), 0.5, np.float32), None)
-        writer = ChunkWriter(str(output / f"part-00000-65536-c{number:06d}.parquet"), rows.schema, {"identity": {}})
-        writer.add(rows.build(some, [Decoded(index, width=4, height=3) for index in range(len(some))], answers))
-        writer.close()
-
-
 def test_summary_of_many_rows_names_missing_and_doubled_paths(many_inputs, tmp_path):
     path, names = many_inputs
     written = names[3:] + names[100:102]  # three never classified, two classified twice
-    write_results(tmp_path / "out", written, 100_000)
+    write_results(tmp_path / "out", written, range(BUCKETS))
     report, healthy = summarize(str(tmp_path / "out"), str(path))
     assert not healthy
-    assert f"{len(written)} rows in 3 parts" in report and f"{len(written)}  cat" in report
+    assert f"{len(written)} rows in 30 parts from 1 shards" in report and f"{len(written)}  tench" in report
     assert f"DOUBLED: 2 paths have more than one row, e.g. {names[100]}, {names[101]}" in report
     assert f"MISSING: 3 of {MANY} inputs in inputs.parquet have no row, e.g. {names[0]}, {names[1]}, {names[2]}" in report
 

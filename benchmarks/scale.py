@@ -1,0 +1,155 @@
+"""Bookkeeping at ten million inputs: what a task, `batch summary` and `batch pending` cost as trees grow.
+
+Usage: python -m benchmarks.scale [--rows 10000000] [--per-task 10000] [--tree 1000000] [--folder DIR]
+
+The manifests are made-up paths (nothing is read from them: each input gets a `not found` row in a
+fraction of a millisecond), so what is timed is the bookkeeping alone. Every command is the real CLI
+in its own process, timed from start to exit, with its peak resident memory (ru_maxrss):
+- shard 0 of a ROWS-row manifest against shard 0 of a PER-TASK-row manifest, PER-TASK images a task;
+- the same task again over an output that already holds a row for every input (the rerun that does
+  nothing), and once more with the rows of its share missing;
+- `batch summary --manifest` and `batch pending` over ROWS rows against the ROWS-row manifest;
+- `batch index` of a real tree of TREE empty files in 1000 folders, with 1 and with 32 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from batch import manifest, models
+from batch.decode import Decoded
+from batch.environment import Shard
+from batch.inference import Predictions
+from batch.paths import BUCKETS
+from batch.pipeline import identity
+from batch.writer import ChunkWriter, RowBuilder
+
+MODEL = ("--model", "mobilenet_v3_small", "--weights", "none", "--workers", "1")
+WRITE_ROWS = 10_000
+TOPK = 5  # classify's default, so a rerun finds the same configuration
+
+
+def made_up_paths(count: int) -> list[str]:
+    """Paths shaped like a camera archive: 1000 folders, numbered files."""
+    return [f"/archive/site-{number % 1000:03d}/{number:010d}.jpg" for number in range(count)]
+
+
+def write_manifest(paths: Sequence[str], target: Path) -> Path:
+    manifest.write(manifest.table_of(manifest.Found(path, 150_000, 0) for path in paths), str(target))
+    return target
+
+
+def write_results(output: Path, paths: Sequence[str], buckets: range, first_chunk: int = 0) -> None:
+    """Committed parts holding a row for each path, as a task of `buckets` running MODEL writes them,
+    without classifying anything."""
+    output.mkdir(parents=True, exist_ok=True)
+    spec = models.resolve(*MODEL[1:4:2])
+    rows = RowBuilder(spec.labels, TOPK, embeddings=False)
+    record = {"identity": identity(spec, TOPK, embeddings=False)}
+    for chunk, start in enumerate(range(0, len(paths), WRITE_ROWS), first_chunk):
+        some = paths[start : start + WRITE_ROWS]
+        ids = np.tile(np.arange(TOPK, dtype=np.int32), (len(some), 1))
+        answers = Predictions(ids, np.full((len(some), TOPK), 0.2, np.float32), None)
+        name = f"part-{buckets.start:05d}-{buckets.stop:05d}-c{chunk:06d}.parquet"
+        writer = ChunkWriter(str(output / name), rows.schema, record)
+        writer.add(rows.build(some, [Decoded(index, width=640, height=480) for index in range(len(some))], answers))
+        writer.close()
+
+
+PEAK = """import resource, subprocess, sys
+status = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(sys.argv[1], "w")).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(status)"""  # a small parent, so the peak is the command's own and not a copy of ours
+
+
+def measure(name: str, command: list[str]) -> tuple[float, float]:
+    """Seconds and peak MB (the largest process of its tree) of one whole command; summary may exit 1."""
+    with tempfile.NamedTemporaryFile("r") as log:
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", PEAK, log.name, *command], capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode not in (0, 1):
+            raise SystemExit(f"{name} failed:\n{log.read()[-3000:]}")
+    peak = int(result.stdout) / 1024
+    print(f"  {name:<52} {seconds:7.2f} s  {peak:7.0f} MB peak", flush=True)
+    return seconds, peak
+
+
+def batch(*arguments: str | Path | int) -> list[str]:
+    return [sys.executable, "-m", "batch", *map(str, arguments)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--per-task", type=int, default=10_000)
+    parser.add_argument("--tree", type=int, default=1_000_000, help="files in the tree to index (0: skip)")
+    parser.add_argument("--folder", help="scratch folder (default: a temporary one, deleted afterwards)")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="batch-scale-", dir=options.folder) as scratch:
+        if options.rows:
+            run(Path(scratch), options.rows, options.per_task)
+        if options.tree:
+            index_tree(Path(scratch) / "tree", options.tree)
+
+
+def index_tree(tree: Path, files: int) -> None:
+    """Empty files are enough: indexing lists and stats, it never reads."""
+    started = time.perf_counter()
+    for folder in range(1000):
+        (tree / f"{folder // 100:02d}" / f"{folder:04d}").mkdir(parents=True)
+    for number in range(files):
+        os.close(os.open(tree / f"{number % 1000 // 100:02d}" / f"{number % 1000:04d}" / f"{number:08d}.jpg", os.O_CREAT))
+    print(f"indexing a tree of {files} files in 1000 folders (made in {time.perf_counter() - started:.0f} s), page cache warm:")
+    for threads in (1, 32):
+        measure(f"batch index --threads {threads}", batch("index", tree, "-o", tree.parent / "tree.parquet", "--threads", threads))
+
+
+def run(folder: Path, rows: int, per_task: int) -> None:
+    tasks = max(1, rows // per_task)
+    print(f"{rows} inputs, {per_task} a task: an array of {tasks}; {os.cpu_count()} CPUs")
+    started = time.perf_counter()
+    everything = made_up_paths(rows)
+    big = write_manifest(everything, folder / "big.parquet")
+    small = write_manifest(everything[:per_task], folder / "small.parquet")
+    print(f"  made the manifests in {time.perf_counter() - started:.0f} s ({big.stat().st_size / 1e6:.0f} MB)")
+
+    print("one array task, start to exit (fresh output):")
+    measure("batch --version (the interpreter alone)", batch("--version"))
+    measure(f"shard 0 of 1 over {per_task} rows", batch("classify", small, "-o", folder / "out-small", *MODEL))
+    shard = ["--num-shards", str(tasks), "--shard-index", "0"]
+    measure(f"shard 0 of {tasks} over {rows} rows", batch("classify", big, "-o", folder / "out-big", *MODEL, *shard))
+
+    started = time.perf_counter()
+    table = manifest.read(str(big)).append_column("bucket", pq.read_table(big, columns=["bucket"])["bucket"])
+    starts = [Shard(index, tasks).buckets.start for index in range(tasks)] + [BUCKETS]
+    ends = np.searchsorted(table["bucket"].to_numpy(), starts)  # the manifest is sorted by bucket
+    full = folder / "full"
+    for index in range(tasks):  # every input's row, as each task of the array would have written them
+        share = table.slice(ends[index], ends[index + 1] - ends[index])
+        write_results(full, share["path"].to_pylist(), Shard(index, tasks).buckets)
+    print(f"  wrote {rows} result rows in {time.perf_counter() - started:.0f} s")
+    print(f"the same task over an output of {rows} rows:")
+    measure("rerun: nothing to do", batch("classify", big, "-o", full, *MODEL, *shard))
+    mine = Shard(0, tasks).buckets
+    for part in full.glob(f"part-{mine.start:05d}-{mine.stop:05d}-*.parquet"):
+        part.unlink()
+    measure("its share missing: classifies it", batch("classify", big, "-o", full, *MODEL, *shard))
+    print(f"the whole output against the {rows}-row manifest:")
+    measure("batch summary --manifest", batch("summary", full, "--manifest", big))
+    measure("batch pending", batch("pending", big, full, "-o", folder / "todo.parquet"))
+
+
+if __name__ == "__main__":
+    main()
