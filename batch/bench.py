@@ -32,6 +32,7 @@ from batch.environment import JobEnvironment
 from batch.inference import Classifier, Predictions, choose_device, choose_precision
 from batch.pipeline import ClassifyOptions, default_batch_size, execute, plan
 from batch.stopping import StopRequest
+from batch.weights import DEFAULT_WEIGHTS
 from batch.writer import ChunkWriter, RowBuilder
 
 MIN_SECONDS = 2.0  # repeat the synthetic stages at least this long
@@ -43,7 +44,7 @@ MIN_SECONDS_PAST_STARTUP = 0.5  # of the start-up time: below that, its variatio
 @dataclass(frozen=True)
 class BenchOptions:
     model: str = models.DEFAULT_MODEL
-    weights: str = models.DEFAULT_WEIGHTS
+    weights: str = DEFAULT_WEIGHTS
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None

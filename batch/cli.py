@@ -94,6 +94,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     from batch.environment import Shard
     from batch.models import ModelError, PreprocessOverrides
     from batch.pipeline import ClassifyOptions, execute, plan
+    from batch.weights import WeightsError
 
     if (num_shards is None) != (shard_index is None):
         raise click.UsageError("--num-shards and --shard-index go together")
@@ -110,7 +111,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
         raise click.UsageError(str(error)) from None
     try:
         status = execute(run, stop)
-    except ModelError as error:
+    except (ModelError, WeightsError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(status)
 
@@ -167,11 +168,11 @@ def weights() -> None:
 @click.option("--weights", "weights_name", default="DEFAULT", show_default=True, help="Weights name.")
 def weights_pull(model: str, weights_name: str) -> None:
     """Download MODEL's weights into the torch cache ($TORCH_HOME/hub/checkpoints)."""
-    from batch.models import ModelError, pull_weights
+    from batch.weights import WeightsError, pull
 
     try:
-        click.echo(pull_weights(model, weights_name))
-    except ModelError as error:
+        click.echo(pull(model, weights_name))
+    except WeightsError as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -180,11 +181,12 @@ def weights_pull(model: str, weights_name: str) -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every model name.")
 def weights_list(model: str | None, show_all: bool) -> None:
     """Weights in the torch cache, or each of MODEL's weights and whether it is staged."""
-    from batch.models import ModelError, describe_weights
+    from batch.models import known_models
+    from batch.weights import WeightsError, describe
 
     try:
-        click.echo(describe_weights(model, show_all))
-    except ModelError as error:
+        click.echo("\n".join(known_models()) if show_all else describe(model))
+    except WeightsError as error:
         raise click.UsageError(str(error)) from None
 
 

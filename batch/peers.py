@@ -29,6 +29,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from batch import models
 from batch.decode import Preprocess
+from batch.weights import DEFAULT_WEIGHTS
 
 PEER_BATCH_SIZE = 64
 PEER_TOPK = 5
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("file_list", help="a text file, one image path per line")
     parser.add_argument("-o", "--output", required=True, help="the Parquet file to write")
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
-    parser.add_argument("--weights", default=models.DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
     arguments = parser.parse_args(argv)
     with open(arguments.file_list, encoding="utf-8", errors="surrogateescape") as handle:
         paths = [line.rstrip("\n") for line in handle if line.strip()]

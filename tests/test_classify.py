@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from batch.models import sha256_of
+from batch.weights import sha256_of
 from batch.writer import read_record
 from tests import images
 from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
