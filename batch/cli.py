@@ -15,7 +15,6 @@ import batch
 from batch.stopping import StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-SET_BY_BATCH: dict[str, str] = {}  # environment variables `main` set, which `bench` keeps from the peers
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -47,8 +46,8 @@ def main() -> None:
 
     from batch.environment import let_openmp_sleep, redirect_unwritable_caches
 
-    SET_BY_BATCH.update(redirect_unwritable_caches(os.environ))
-    SET_BY_BATCH.update(let_openmp_sleep(os.environ))
+    redirect_unwritable_caches(os.environ)
+    let_openmp_sleep(os.environ)
 
 
 @main.command()
@@ -209,22 +208,19 @@ class WidthRange(click.ParamType):
               help="Without SOURCES: how many JPEGs to generate (and delete afterwards).")
 @click.option("--width", "widths", default="500", show_default=True, type=WidthRange(),
               help="Width of generated JPEGs (4:3), or a range like 2000-4000.")
-@click.option("--photos", type=click.Path(exists=True), help="Generate crops of these photos, not random scenes.")
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="As for classify.")
 @click.option("--weights", default="DEFAULT", show_default=True, help="As for classify.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--batch-size", type=click.IntRange(1), help="As for classify.")
 @click.option("--workers", type=click.IntRange(0), help="As for classify.")
-@click.option("--compare", is_flag=True, help="Also time whole processes: the naive and DataLoader peers, batch classify.")
-@click.option("--agreement", is_flag=True, help="Also check top-1 against the model's reference preprocessing.")
-def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], photos: str | None, **options) -> None:
-    """Measure each stage, end to end and against the naive loop, on SOURCES or generated JPEGs.
+def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], model: str, weights: str, device: str,
+          precision: str, batch_size: int | None, workers: int | None) -> None:  # fmt: skip
+    """Measure each stage and the whole pipeline on SOURCES or generated JPEGs.
 
-    Prints images/s for read, decode+preprocess (one core), model, write, the whole pipeline and the
-    naive loop, and the --cpus-per-task that keeps one GPU busy. The numbers are this machine's.
+    Prints images/s for read, decode+preprocess (one core), model, write and the whole pipeline, and
+    the --cpus-per-task that keeps one GPU busy. The numbers are this machine's.
     """
-    import os
     import tempfile
     from pathlib import Path
 
@@ -232,11 +228,13 @@ def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], phot
     logging.getLogger("batch.pipeline").setLevel(logging.WARNING)
     from batch import bench as measure
 
+    options = measure.BenchOptions(
+        model=model, weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers
+    )
     with tempfile.TemporaryDirectory(prefix="batch-bench-images-") as scratch:
         try:
-            paths, described = measure.resolve_inputs(sources, generate, widths, photos, Path(scratch))
-            peer_environment = {name: value for name, value in os.environ.items() if name not in SET_BY_BATCH}
-            for line in measure.run(paths, measure.BenchOptions(**options), described, peer_environment):
+            paths, described = measure.resolve_inputs(sources, generate, widths, Path(scratch))
+            for line in measure.run(paths, options, described):
                 click.echo(line)
         except ValueError as error:
             raise click.UsageError(str(error)) from None

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def shell_scripts() -> list[Path]:
-    return [ROOT / ".ci" / "run", *sorted(ROOT.glob("slurm/*.sh")), *sorted(ROOT.glob("docs/*.sh"))]
+    return [ROOT / ".ci" / "run", *sorted(ROOT.glob("slurm/*.sh")), *sorted(ROOT.glob("benchmarks/*.sh"))]
 
 
 def test_shell_scripts_are_shellcheck_clean():
