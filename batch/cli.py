@@ -79,8 +79,11 @@ def main() -> None:
               help="Seconds between commits: at most this much work is lost to a kill.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
-             resize: int | None, crop: int | None, interpolation: str | None, mean, std, num_shards: int | None,
-             shard_index: int | None, verbose: bool, **options) -> None:  # fmt: skip
+             resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
+             std: tuple[float, float, float] | None, topk: int, batch_size: int | None, workers: int | None,
+             device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
+             overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
+             verbose: bool) -> None:  # fmt: skip
     """Classify the images in SOURCES (folders, image files, @lists, manifests) into OUTPUT.
 
     \b
@@ -98,14 +101,14 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     if (num_shards is None) != (shard_index is None):
         raise click.UsageError("--num-shards and --shard-index go together")
     try:
-        shard = Shard(shard_index, num_shards) if num_shards is not None else None
-        run = plan(
-            ClassifyOptions(
-                sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
-                overrides=PreprocessOverrides(resize, crop, interpolation, mean, std), shard=shard, **options,
-            ),
-            _environment(),
+        options = ClassifyOptions(
+            sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
+            overrides=PreprocessOverrides(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std),
+            topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
+            shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
+            overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
         )  # fmt: skip
+        run = plan(options, _environment())
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
