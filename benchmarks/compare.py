@@ -69,7 +69,7 @@ def contenders(options: BenchOptions, folder: Path) -> dict[str, Command]:
 
     def peer(name: str) -> Command:
         return lambda files, tag: [
-            sys.executable, "-m", "benchmarks.peers", name, str(files), "-o", str(folder / f"{name}-{tag}.parquet"), *model,
+            sys.executable, "-m", "benchmarks.peers", name, str(files), "-o", str(peer_output(folder, name, tag)), *model,
         ]  # fmt: skip
 
     def classify(files: Path, tag: str) -> list[str]:
@@ -77,6 +77,10 @@ def contenders(options: BenchOptions, folder: Path) -> dict[str, Command]:
         return [sys.executable, "-m", "batch", "classify", f"@{files}", "-o", output, *model, *passed_on]
 
     return {**{f"{name} (peer)": peer(name) for name in peers.PEERS}, CLASSIFY: classify}
+
+
+def peer_output(folder: Path, name: str, tag: str) -> Path:
+    return folder / f"{name}-{tag}.parquet"
 
 
 def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path) -> list[ProcessTime]:
@@ -127,11 +131,11 @@ def run(given: Sequence[str], options: BenchOptions, agreement: bool) -> Iterato
             after = ours.rate_after_startup / best.rate_after_startup
             yield f"  after start-up {after:.2f}x: the ratio that tasks with many more files approach"
         if agreement:
-            same, total = top1_agreement(folder / "classify-all", folder / "naive-all.parquet")
+            same, total = top1_agreement(folder / "classify-all", peer_output(folder, "naive", "all"))
             yield f"top-1 agreement with the reference preprocessing: {same} of {total} ({100 * same / max(total, 1):.2f}%)"
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> None:
     described = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
     described.add_argument("sources", nargs="+", help="folders, image files, @lists or manifests, as for batch classify")
     described.add_argument("--model", default=models.DEFAULT_MODEL)
@@ -141,11 +145,7 @@ def parser() -> argparse.ArgumentParser:
     described.add_argument("--batch-size", type=int, help="for batch classify; the peers take 64")
     described.add_argument("--workers", type=int, help="for batch classify; the DataLoader peer takes one per CPU")
     described.add_argument("--agreement", action="store_true", help="also check batch's top-1 against the naive peer's")
-    return described
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = parser().parse_args(argv)
+    arguments = described.parse_args(argv)
     options = BenchOptions(
         model=arguments.model, weights=arguments.weights, device=arguments.device, precision=arguments.precision,
         batch_size=arguments.batch_size, workers=arguments.workers,
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for line in run(arguments.sources, options, arguments.agreement):
             print(line, flush=True)
     except ValueError as error:
-        parser().error(str(error))
+        described.error(str(error))
 
 
 if __name__ == "__main__":
