@@ -15,7 +15,6 @@ import batch
 from batch.stopping import StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-SET_BY_BATCH: dict[str, str] = {}  # environment variables `main` set, which `bench` keeps from the peers
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -47,8 +46,8 @@ def main() -> None:
 
     from batch.environment import let_openmp_sleep, redirect_unwritable_caches
 
-    SET_BY_BATCH.update(redirect_unwritable_caches(os.environ))
-    SET_BY_BATCH.update(let_openmp_sleep(os.environ))
+    redirect_unwritable_caches(os.environ)
+    let_openmp_sleep(os.environ)
 
 
 @main.command()
@@ -80,8 +79,11 @@ def main() -> None:
               help="Seconds between commits: at most this much work is lost to a kill.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
-             resize: int | None, crop: int | None, interpolation: str | None, mean, std, num_shards: int | None,
-             shard_index: int | None, verbose: bool, **options) -> None:  # fmt: skip
+             resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
+             std: tuple[float, float, float] | None, topk: int, batch_size: int | None, workers: int | None,
+             device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
+             overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
+             verbose: bool) -> None:  # fmt: skip
     """Classify the images in SOURCES (folders, image files, @lists, manifests) into OUTPUT.
 
     \b
@@ -96,23 +98,24 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     from batch.manifest import ManifestError
     from batch.models import ModelError, PreprocessOverrides
     from batch.pipeline import ClassifyOptions, execute, plan
+    from batch.weights import WeightsError
 
     if (num_shards is None) != (shard_index is None):
         raise click.UsageError("--num-shards and --shard-index go together")
     try:
-        shard = Shard(shard_index, num_shards) if num_shards is not None else None
-        run = plan(
-            ClassifyOptions(
-                sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
-                overrides=PreprocessOverrides(resize, crop, interpolation, mean, std), shard=shard, **options,
-            ),
-            _environment(),
+        options = ClassifyOptions(
+            sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
+            overrides=PreprocessOverrides(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std),
+            topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
+            shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
+            overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
         )  # fmt: skip
+        run = plan(options, _environment())
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
         status = execute(run, stop)
-    except (ModelError, ManifestError, OutputError) as error:
+    except (ModelError, WeightsError, ManifestError, OutputError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(status)
 
@@ -194,11 +197,11 @@ def weights() -> None:
 @click.option("--weights", "weights_name", default="DEFAULT", show_default=True, help="Weights name.")
 def weights_pull(model: str, weights_name: str) -> None:
     """Download MODEL's weights into the torch cache ($TORCH_HOME/hub/checkpoints)."""
-    from batch.models import ModelError, pull_weights
+    from batch.weights import WeightsError, pull
 
     try:
-        click.echo(pull_weights(model, weights_name))
-    except ModelError as error:
+        click.echo(pull(model, weights_name))
+    except WeightsError as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -207,11 +210,12 @@ def weights_pull(model: str, weights_name: str) -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every model name.")
 def weights_list(model: str | None, show_all: bool) -> None:
     """Weights in the torch cache, or each of MODEL's weights and whether it is staged."""
-    from batch.models import ModelError, describe_weights
+    from batch.models import known_models
+    from batch.weights import WeightsError, describe
 
     try:
-        click.echo(describe_weights(model, show_all))
-    except ModelError as error:
+        click.echo("\n".join(known_models()) if show_all else describe(model))
+    except WeightsError as error:
         raise click.UsageError(str(error)) from None
 
 
@@ -234,22 +238,19 @@ class WidthRange(click.ParamType):
               help="Without SOURCES: how many JPEGs to generate (and delete afterwards).")
 @click.option("--width", "widths", default="500", show_default=True, type=WidthRange(),
               help="Width of generated JPEGs (4:3), or a range like 2000-4000.")
-@click.option("--photos", type=click.Path(exists=True), help="Generate crops of these photos, not random scenes.")
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="As for classify.")
 @click.option("--weights", default="DEFAULT", show_default=True, help="As for classify.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--batch-size", type=click.IntRange(1), help="As for classify.")
 @click.option("--workers", type=click.IntRange(0), help="As for classify.")
-@click.option("--compare", is_flag=True, help="Also time whole processes: the naive and DataLoader peers, batch classify.")
-@click.option("--agreement", is_flag=True, help="Also check top-1 against the model's reference preprocessing.")
-def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], photos: str | None, **options) -> None:
-    """Measure each stage, end to end and against the naive loop, on SOURCES or generated JPEGs.
+def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], model: str, weights: str, device: str,
+          precision: str, batch_size: int | None, workers: int | None) -> None:  # fmt: skip
+    """Measure each stage and the whole pipeline on SOURCES or generated JPEGs.
 
-    Prints images/s for read, decode+preprocess (one core), model, write, the whole pipeline and the
-    naive loop, and the --cpus-per-task that keeps one GPU busy. The numbers are this machine's.
+    Prints images/s for read, decode+preprocess (one core), model, write and the whole pipeline, and
+    the --cpus-per-task that keeps one GPU busy. The numbers are this machine's.
     """
-    import os
     import tempfile
     from pathlib import Path
 
@@ -257,11 +258,13 @@ def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], phot
     logging.getLogger("batch.pipeline").setLevel(logging.WARNING)
     from batch import bench as measure
 
+    options = measure.BenchOptions(
+        model=model, weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers
+    )
     with tempfile.TemporaryDirectory(prefix="batch-bench-images-") as scratch:
         try:
-            paths, described = measure.resolve_inputs(sources, generate, widths, photos, Path(scratch))
-            peer_environment = {name: value for name, value in os.environ.items() if name not in SET_BY_BATCH}
-            for line in measure.run(paths, measure.BenchOptions(**options), described, peer_environment):
+            paths, described = measure.resolve_inputs(sources, generate, widths, Path(scratch))
+            for line in measure.run(paths, options, described):
                 click.echo(line)
         except ValueError as error:
             raise click.UsageError(str(error)) from None

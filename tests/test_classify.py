@@ -19,7 +19,7 @@ import torch
 
 from batch.commit import OutputDir
 from batch.environment import Shard
-from batch.models import sha256_of
+from batch.weights import sha256_of
 from batch.writer import read_record
 from tests import images
 from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from torchvision.transforms import v2
 
-from batch.bench import generate_images
 from batch.decode import Preprocess, decode
+from benchmarks import pictures
+from benchmarks.reference import open_rgb, reference_crop
 from tests import images
 
 PREPROCESS = Preprocess(resize=256, crop=224)
@@ -57,7 +57,7 @@ def test_exif_rotation_is_applied_before_the_crop(tmp_path):
 def test_matches_torchvision_resize_then_center_crop(tmp_path, size):
     """Our single boxed resize must equal torchvision's Resize(256) + CenterCrop(224) on the same picture."""
     picture = images.photo().resize(size)
-    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(picture)
+    reference = reference_crop(PREPROCESS)(picture)
     picture.save(tmp_path / "picture.png")
     ours = decode(0, str(tmp_path / "picture.png"), PREPROCESS).pixels.astype(int)
     difference = np.abs(ours - np.asarray(reference, dtype=int))
@@ -69,12 +69,11 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_a_full_decode(tmp_path):
     torchvision's transforms, or close calls flip. These pictures average 0.2 levels off; scaling
     down to the resize itself (not twice it) gives 0.4, and a box taken from the reduced size's
     ratio (libjpeg rounds it up) 0.5."""
-    paths = generate_images(tmp_path, 8, (2000, 4000), sorted(str(path) for path in images.PHOTOS.glob("*.jpg")))
-    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+    paths = pictures.generate(tmp_path, 8, (2000, 4000), sorted(str(path) for path in images.PHOTOS.glob("*.jpg")))
+    reference = reference_crop(PREPROCESS)
     differences = []
     for path in paths:
-        with Image.open(path) as picture:
-            full = np.asarray(reference(picture.convert("RGB")), dtype=float)
+        full = np.asarray(reference(open_rgb(path)), dtype=float)
         differences.append(np.abs(decode(0, path, PREPROCESS).pixels - full).mean())
     assert np.mean(differences) < 0.3 and max(differences) < 0.6, np.round(differences, 2)
 

@@ -1,9 +1,12 @@
-"""Progress: a redrawn bar on a terminal, plain lines in a batch log."""
+"""Progress: a redrawn bar on a terminal, plain lines in a batch log; exact text on a clock the test sets."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
+
+from batch import progress
 from batch.progress import Progress, format_duration
 
 
@@ -12,24 +15,54 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_batch_log_gets_plain_lines_with_rate_eta_and_errors():
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(progress, "time", clock)
+    return clock
+
+
+def test_a_batch_log_gets_a_plain_line_each_interval_with_rate_eta_and_errors(clock):
     log = io.StringIO()
-    progress = Progress(total=10, stream=log, log_interval=0)
-    progress.update(4, 1)
-    progress.finish()
-    line = log.getvalue()
-    assert line.startswith("progress: 4/10 images, ") and "images/s, ETA " in line and line.endswith("1 errors\n")
-    assert "\r" not in line
+    bar = Progress(total=10, stream=log, log_interval=5)
+    clock.now = 102
+    bar.update(4, 1)  # within the interval: no line yet
+    clock.now = 105
+    bar.update(2, 0)
+    bar.finish()
+    assert log.getvalue() == "progress: 6/10 images, 1.2 images/s, ETA 0:03, 1 errors\n"
 
 
-def test_a_terminal_gets_a_redrawn_bar_ending_with_a_newline():
+def test_a_terminal_gets_a_bar_redrawn_in_place_and_a_newline_at_the_end(clock):
     terminal = Terminal()
-    progress = Progress(total=4, stream=terminal)
-    progress.update(2, 0)
-    progress.finish()
-    drawn = terminal.getvalue()
-    assert drawn.startswith("\r[") and "4" in drawn and drawn.endswith("\n")
-    assert "[############............] 2/4 images" in drawn
+    bar = Progress(total=4, stream=terminal)
+    clock.now = 101
+    bar.update(1, 0)
+    clock.now = 101.1
+    bar.update(1, 1)  # sooner than 0.2 s after the last drawing: not drawn
+    clock.now = 102
+    bar.update(2, 0)
+    bar.finish()
+    quarter = "\r[######..................] 1/4 images, 1.0 images/s, ETA 0:03, 0 errors\033[K"
+    full = "\r[########################] 4/4 images, 2.0 images/s, ETA 0:00, 1 errors\033[K"
+    assert terminal.getvalue() == quarter + full + full + "\n"
+
+
+@pytest.mark.parametrize("done, total, filled", [(0, 3, 0), (1, 3, 8), (2, 3, 16), (3, 3, 24), (0, 0, 24)])
+def test_the_bar_fills_in_proportion(clock, done, total, filled):
+    terminal = Terminal()
+    bar = Progress(total=total, stream=terminal)
+    clock.now = 101
+    bar.update(done, 0)
+    assert terminal.getvalue().startswith(f"\r[{'#' * filled}{'.' * (24 - filled)}] {done}/{total} images, ")
 
 
 def test_durations_read_like_clocks():

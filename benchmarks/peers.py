@@ -1,4 +1,4 @@
-"""The programs `batch bench` measures itself against, written as their authors would write them.
+"""The programs `batch classify` is measured against, written as their authors would write them.
 
 - `naive`: the tutorial loop. PIL opens each file, the model's reference transforms run in the main
   process, and the model takes batches of 64 in fp32.
@@ -7,49 +7,30 @@
   The model takes batches of 64 in channels_last.
 
 Both write the top-5 classes to one Parquet file, so that all three are timed from process start to
-the same kind of result. The reference transforms (a full decode, then torchvision's Resize,
-CenterCrop and Normalize) also decide the answers that `batch bench --agreement` compares against.
+the same kind of result. The naive loop's answers are the reference that `benchmarks.compare
+--agreement` checks batch's against: a full decode, the reference transforms, fp32, the network as built.
 
-Run one as `python -m batch.peers naive|dataloader --model M --weights W -o OUT.parquet FILE_LIST`.
+Run one as `python -m benchmarks.peers naive|dataloader --model M --weights W -o OUT.parquet FILE_LIST`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
 
 from batch import models
-from batch.decode import Preprocess
+from batch.weights import DEFAULT_WEIGHTS
+from benchmarks.reference import Transform, open_rgb, reference_transform
 
 PEER_BATCH_SIZE = 64
 PEER_TOPK = 5
-Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def reference_transform(preprocess: Preprocess) -> Transform:
-    """The class behind torchvision's `weights.transforms()`, set to this model's preprocessing."""
-    return ImageClassification(
-        crop_size=preprocess.crop,
-        resize_size=preprocess.resize,
-        mean=[value / 255 for value in preprocess.mean],
-        std=[value / 255 for value in preprocess.std],
-        interpolation=InterpolationMode(preprocess.interpolation),
-    )
-
-
-def open_rgb(path: str) -> Image.Image:
-    """A full decode, upright: the reference the fast paths are checked against."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def naive(paths: Sequence[str], network: torch.nn.Module, transform: Transform) -> torch.Tensor:
@@ -62,10 +43,10 @@ def naive(paths: Sequence[str], network: torch.nn.Module, transform: Transform) 
     return torch.cat(answers)
 
 
+@dataclass
 class _Files(Dataset):
-    def __init__(self, paths: Sequence[str], transform: Transform):
-        self.paths = paths
-        self.transform = transform
+    paths: Sequence[str]
+    transform: Transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,19 +71,20 @@ PEERS = {"naive": naive, "dataloader": dataloader}
 
 
 def run(peer: str, paths: Sequence[str], model: str, weights: str, output: str) -> None:
-    spec = models.resolve(model, weights, None, models.PreprocessOverrides())
-    ids = PEERS[peer](paths, spec.load(), reference_transform(spec.preprocess))
-    labels = [[spec.labels[i] for i in row] for row in ids.tolist()]
-    pq.write_table(pa.table({"path": list(paths), "label": [row[0] for row in labels], "topk_labels": labels}), output)
+    spec = models.resolve(model, weights)
+    ids = PEERS[peer](paths, spec.load(), reference_transform(spec.preprocess)).tolist()
+    labels = [[spec.labels[i] for i in row] for row in ids]
+    columns = {"path": list(paths), "label": [row[0] for row in labels], "topk_ids": ids, "topk_labels": labels}
+    pq.write_table(pa.table(columns), output)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m batch.peers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.splitlines()[0])
     parser.add_argument("peer", choices=sorted(PEERS))
     parser.add_argument("file_list", help="a text file, one image path per line")
     parser.add_argument("-o", "--output", required=True, help="the Parquet file to write")
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
-    parser.add_argument("--weights", default=models.DEFAULT_WEIGHTS)
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
     arguments = parser.parse_args(argv)
     with open(arguments.file_list, encoding="utf-8", errors="surrogateescape") as handle:
         paths = [line.rstrip("\n") for line in handle if line.strip()]

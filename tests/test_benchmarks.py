@@ -1,0 +1,96 @@
+"""The benchmark scripts in benchmarks/ on tiny inputs: the reference preprocessing is the weights' own,
+the pictures are crops of the photos, the peers answer for every file, and the side-by-side runner
+times each contender and checks agreement.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import MobileNet_V3_Small_Weights
+from torchvision.transforms import InterpolationMode
+
+from batch import models
+from benchmarks import compare, peers, pictures
+from benchmarks.reference import open_rgb, reference_transform
+from tests.conftest import FAST, REPOSITORY
+
+
+@pytest.mark.parametrize("model", [models.DEFAULT_MODEL, "mobilenet_v3_small"])
+def test_the_reference_preprocessing_is_the_transforms_torchvision_gives_the_weights(photos, model):
+    """The same tensor, to the bit, as the class behind `weights.transforms()` set to the model's preprocessing."""
+    preprocess = models.resolve(model, "none").preprocess
+    preset = MobileNet_V3_Small_Weights.DEFAULT.transforms()
+    if model != "mobilenet_v3_small":
+        preset = type(preset)(
+            crop_size=preprocess.crop, resize_size=preprocess.resize, mean=[value / 255 for value in preprocess.mean],
+            std=[value / 255 for value in preprocess.std], interpolation=InterpolationMode(preprocess.interpolation),
+        )  # fmt: skip
+    ours = reference_transform(preprocess)
+    for photo in sorted(photos.glob("*.jpg")):
+        picture = open_rgb(str(photo))
+        assert torch.equal(ours(picture), preset(picture)), photo.name
+
+
+def test_pictures_are_crops_of_the_photos(tmp_path):
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (300, 400), (30, 30, 200)).save(tmp_path / "blue.png")
+    paths = pictures.generate(tmp_path / "out", 4, (80, 120), [str(tmp_path / "red.png"), str(tmp_path / "blue.png")])
+    for number, path in enumerate(paths):
+        colour = np.asarray(Image.open(path)).reshape(-1, 3).mean(axis=0)
+        expected = (200, 30, 30) if number % 2 == 0 else (30, 30, 200)  # picture N crops photo N modulo 2
+        assert np.abs(colour - expected).max() < 8, (number, colour)
+
+
+@pytest.mark.parametrize("peer", sorted(peers.PEERS))
+def test_a_peer_writes_the_top_five_of_every_file(photos, tmp_path, peer):
+    files = tmp_path / "files.txt"
+    files.write_text("".join(f"{path}\n" for path in sorted(photos.glob("*.jpg"))))
+    peers.main([peer, str(files), "-o", str(tmp_path / "peer.parquet"), *FAST])
+    rows = pq.read_table(tmp_path / "peer.parquet").to_pylist()
+    assert [row["path"] for row in rows] == sorted(str(path) for path in photos.glob("*.jpg"))
+    labels = models.imagenet_categories()
+    for row in rows:
+        assert len(row["topk_ids"]) == 5 and [labels[i] for i in row["topk_ids"]] == row["topk_labels"]
+        assert row["label"] == row["topk_labels"][0]
+
+
+def test_agreement_compares_class_ids_of_the_files_batch_classified(tmp_path):
+    """`crane` is two ImageNet classes, so ids are compared, not labels; error rows are not counted."""
+    ours = pa.table({"path": ["a", "b", "c"], "topk_ids": [[134, 1], [517, 2], None], "error": [None, None, "truncated"]})
+    reference = pa.table({"path": ["a", "b", "c"], "topk_ids": [[134, 9], [134, 2], [5, 6]]})
+    pq.write_table(ours, tmp_path / "ours.parquet")
+    pq.write_table(reference, tmp_path / "reference.parquet")
+    assert compare.top1_agreement(tmp_path / "ours.parquet", tmp_path / "reference.parquet") == (1, 2)
+
+
+def test_compare_refuses_agreement_without_trained_weights(photos, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        compare.main([str(photos), *FAST, "--agreement"])
+    assert exit_status.value.code == 2 and "--agreement needs trained weights" in capsys.readouterr().err
+
+
+def test_compare_times_the_peers_and_batch_and_checks_agreement(photos, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", str(photos), "--agreement", "--workers", "1"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = result.stdout
+    assert report.startswith(f"compare: 3 images from {photos}; efficientnet_lite0 (")
+    after = r"(then [0-9.]+ images/s|too few files to time the rest)"  # three files: usually too few
+    for contender in ("naive (peer)", "dataloader (peer)", "batch classify"):
+        line = rf"^  {re.escape(contender)} +[0-9.]+ s +[0-9.]+ images/s  start-up [0-9.]+ s, {after}$"
+        assert re.search(line, report, re.MULTILINE), report
+    assert re.search(r"^  batch classify is [0-9.]+x the better peer \((naive|dataloader) \(peer\)\)$", report, re.MULTILINE)
+    assert report.rstrip().endswith("top-1 agreement with the reference preprocessing: 3 of 3 (100.00%)")
+    assert list(tmp_path.iterdir()) == [], "the outputs must be deleted"
