@@ -129,10 +129,10 @@ def _environment():
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
-@click.option("--threads", default=32, show_default=True, type=click.IntRange(1),
-              help="Folders listed and files stat-ed at once: a parallel file system answers many at a time.")
-def index(sources: tuple[str, ...], output: str, threads: int) -> None:
-    """Walk SOURCES once, with many threads, and write their inputs to a Parquet manifest.
+@click.option("--threads", type=click.IntRange(1),
+              help="Folders listed and files stat-ed at once  [default: 32 on a network file system, else 1]")
+def index(sources: tuple[str, ...], output: str, threads: int | None) -> None:
+    """Walk SOURCES once, with many threads on a network file system, and write their inputs to a manifest.
 
     The manifest (path, size, mtime, bucket) is laid out so that each array task of
     `batch classify MANIFEST` reads only its own part of it.

@@ -164,13 +164,10 @@ def redirect_unwritable_caches(env: MutableMapping[str, str]) -> dict[str, str]:
     return redirected
 
 
-def let_openmp_sleep(env: MutableMapping[str, str]) -> dict[str, str]:
+def let_openmp_sleep(env: MutableMapping[str, str]) -> None:
     """Idle OpenMP threads sleep instead of spinning, because the decoding workers need those cores.
 
     Measured on two cores, 1500 JPEGs: 2.5 of 13 CPU-seconds went to spinning, and the run took 10% longer.
     It must be set before torch loads OpenMP; a value the user set is kept.
     """
-    if "OMP_WAIT_POLICY" in env:
-        return {}
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

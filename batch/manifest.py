@@ -1,7 +1,7 @@
 """Manifests: the inputs of a tree written once, laid out so an array task reads only its own buckets.
 
-`batch index` walks the tree with many threads (on a parallel file system each `stat` is a round
-trip, and threads overlap them) and writes path, size, mtime and bucket, sorted by bucket then path,
+`batch index` walks the tree, with many threads on a network file system (each `stat` is a round
+trip there, and threads overlap them), and writes path, size, mtime and bucket, sorted by bucket then path,
 in row groups of `ROW_GROUP_ROWS`. A task reads the footer, picks the row groups whose bucket
 statistics meet its range and reads those alone: its memory and start-up follow its share, not the
 tree. The key-value metadata `batch.manifest` says a file is laid out so; any other Parquet file with
@@ -45,7 +45,8 @@ SCHEMA = pa.schema(
     ],
     metadata={LAYOUT_KEY: json.dumps(LAYOUT, sort_keys=True).encode()},
 )
-WALK_THREADS = 32  # stat round trips to a metadata server overlap; local disks do not mind
+NETWORK_THREADS = 32
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "fuse.")
 PROGRESS_SECONDS = 10.0
 
 
@@ -69,10 +70,35 @@ class _Folder:
     folders: list[tuple[str, tuple[int, int]]] = field(default_factory=list)  # path, (device, inode)
 
 
-def walk(root: str, is_input: Callable[[str], bool], threads: int = WALK_THREADS) -> Iterator[Found]:
+def threads_for(folder: str) -> int:
+    """NETWORK_THREADS on a network file system, where every stat waits a round trip and threads overlap
+    them; 1 on a local one, where stats come from memory and threads only contend for the interpreter
+    (one million files on this machine's disk: 8.9 s with one thread, 28 s with 32)."""
+    return NETWORK_THREADS if file_system_of(folder).startswith(NETWORK_FILE_SYSTEMS) else 1
+
+
+def file_system_of(folder: str, mount_table: str = "/proc/self/mounts") -> str:
+    """The type of the mount holding `folder` ("" where the mount table cannot be read)."""
+    target, best, kind = os.path.realpath(folder), "", ""
+    try:
+        with open(mount_table, encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ") if len(fields) > 2 else ""
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def walk(root: str, is_input: Callable[[str], bool], threads: int | None = None) -> Iterator[Found]:
     """Every input below root, following symlinked folders but never into a loop; folders are listed
-    and their files stat-ed by `threads` threads at once. Order is not defined: callers sort."""
+    and their files stat-ed by `threads` threads at once (default: `threads_for` the root). Order is
+    not defined: callers sort."""
     root = os.path.abspath(root)
+    threads = threads or threads_for(root)
     try:
         top = os.stat(root)
     except OSError:

@@ -64,7 +64,7 @@ def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str
     return sorted(paths)
 
 
-def index(sources: Iterable[str], threads: int = manifest.WALK_THREADS) -> pa.Table:
+def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
     """Every input of the sources with its size and mtime, as a manifest table; manifests are refused."""
     counter = manifest.Counter("indexing")
 
@@ -79,7 +79,7 @@ def index(sources: Iterable[str], threads: int = manifest.WALK_THREADS) -> pa.Ta
     return manifest.table_of(everything())
 
 
-def _expand(source: str, threads: int = manifest.WALK_THREADS) -> Iterator[manifest.Found]:
+def _expand(source: str, threads: int | None = None) -> Iterator[manifest.Found]:
     if source.startswith("@"):
         yield from read_list(source[1:], threads)
     elif os.path.isdir(source):
@@ -88,7 +88,7 @@ def _expand(source: str, threads: int = manifest.WALK_THREADS) -> Iterator[manif
         yield manifest.describe(os.path.abspath(source))
 
 
-def read_list(list_file: str, threads: int = manifest.WALK_THREADS) -> Iterator[manifest.Found]:
+def read_list(list_file: str, threads: int | None = None) -> Iterator[manifest.Found]:
     """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list."""
     base = os.path.dirname(os.path.abspath(list_file))
     with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:

@@ -122,3 +122,12 @@ def test_index_logs_its_progress_on_long_walks(tmp_path, caplog):
         for _found in manifest.walk(str(tmp_path / "tree"), lambda name: True):
             counter.tick()
     assert "indexing: 1 inputs so far" in caplog.text and "indexing: 3 inputs so far" in caplog.text
+
+
+def test_index_uses_threads_on_network_file_systems_only(tmp_path):
+    table = tmp_path / "mounts"
+    table.write_text("/dev/vda / ext4 rw 0 0\nserver:/export /data nfs4 rw 0 0\n"
+                     "lustre@o2ib:/scratch /lus\\040tre lustre rw 0 0\n")  # fmt: skip
+    kinds = [manifest.file_system_of(folder, str(table)) for folder in ("/data/images", "/data2", "/lus tre/x", "/")]
+    assert kinds == ["nfs4", "ext4", "lustre", "ext4"]
+    assert manifest.threads_for(str(tmp_path)) == 1  # this machine's own disk
