@@ -27,8 +27,6 @@ INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
-EXIF_ORIENTATION = 0x0112
-ORIENTATIONS_THAT_SWAP_SIDES = {5, 6, 7, 8}
 
 
 @dataclass(frozen=True)
@@ -75,10 +73,10 @@ def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
         return Decoded(index, error=str(problem))
     try:
         with handle, Image.open(handle) as image:
-            width, height = _upright_size(image)
+            width, height = image.size
             if width * height > MAX_PIXELS:
                 return Decoded(index, error=_too_large(width, height))
-            pixels = _preprocess(image, preprocess, (width, height))
+            pixels, (width, height) = _preprocess(image, preprocess)
     except Image.DecompressionBombError:
         return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
     except UnidentifiedImageError:
@@ -146,15 +144,11 @@ def _too_large(width: int, height: int) -> str:
     )
 
 
-def _upright_size(image: Image.Image) -> tuple[int, int]:
-    width, height = image.size
-    if image.getexif().get(EXIF_ORIENTATION) in ORIENTATIONS_THAT_SWAP_SIDES:
-        return height, width
-    return width, height
-
-
-def _preprocess(image: Image.Image, preprocess: Preprocess, upright_size: tuple[int, int]) -> np.ndarray:
-    reduction = 1.0
+def _preprocess(image: Image.Image, preprocess: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """The crop, and the picture's full size upright. Upright is whatever `exif_transpose` makes of the
+    loaded picture: Pillow already turns some formats upright as it opens them (TIFF), so an orientation
+    tag alone does not say whether the sides swap."""
+    header_size, reduction = image.size, 1.0
     if image.format == "JPEG":
         # Decode at 1/2, 1/4 or 1/8 scale while the shorter side keeps at least twice the pixels the
         # resize needs. libjpeg scales by averaging 8x8 blocks, which blurs a little more than the
@@ -166,10 +160,12 @@ def _preprocess(image: Image.Image, preprocess: Preprocess, upright_size: tuple[
         if drafted:  # (mode, (0, 0, width / scale, height / scale)): the extent the decoded pixels cover
             reduction = stored_width / drafted[1][2]
     image.load()
+    loaded_size = image.size
     image = ImageOps.exif_transpose(image)
+    upright = header_size[::-1] if image.size != loaded_size else header_size  # only a swap changes the size
     rgb = _to_rgb(image)
-    full_size = upright_size if reduction != 1.0 else rgb.size  # a format may load other than its header says
-    return np.asarray(_resize_and_crop(rgb, preprocess, full_size, reduction))
+    full_size = upright if reduction != 1.0 else rgb.size  # a format may load other than its header says
+    return np.asarray(_resize_and_crop(rgb, preprocess, full_size, reduction)), upright
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -81,3 +81,25 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_a_full_decode(tmp_path):
 def test_preprocess_rejects_a_crop_larger_than_the_resize():
     with pytest.raises(ValueError, match="crop"):
         Preprocess(resize=200, crop=224)
+
+
+def save_oriented(picture: Image.Image, path, orientation: int) -> None:
+    """As cameras and scanners store it: the pixels as taken, and a tag saying how to turn them upright."""
+    if path.suffix == ".tif":
+        picture.save(path, tiffinfo={0x0112: orientation})
+        return
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    picture.save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif", ".png", ".webp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_width_and_height_are_upright_for_every_orientation_and_format(tmp_path, suffix, orientation):
+    path = tmp_path / f"oriented{suffix}"
+    save_oriented(images.photo().resize((300, 200)), path, orientation)
+    result = decode(0, str(path), PREPROCESS)
+    upright = (200, 300) if orientation >= 5 else (300, 200)
+    assert (result.width, result.height) == upright == open_rgb(str(path)).size
+    expected = np.asarray(reference_crop(PREPROCESS)(open_rgb(str(path))), np.float32)
+    assert np.abs(result.pixels.astype(np.float32) - expected).mean() < 2, "the crop must be of the upright picture"
