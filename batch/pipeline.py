@@ -265,12 +265,14 @@ def _finish(run: Plan, tally: Tally, stop: StopRequest, seconds: float) -> int:
         "classified %d images, %d failed, in %s (%.1f images/s); results in %s",
         tally.processed, tally.errors, format_duration(seconds), rate, run.options.output,
     )  # fmt: skip
-    if _error_rate_breached(run.options, tally):
+    breached = _error_rate_breached(run.options, tally)
+    if breached:
         log.error("error rate %.1f%% is above --max-error-rate %.1f%%", 100 * tally.rate, 100 * run.options.max_error_rate)
-        return EXIT_BAD_INPUTS
-    if stop.requested:
+    if stop.requested:  # before any other status: Slurm requeues on 75 only, and the rest must be done
         log.warning("stopped by %s: progress is committed; run the same command again to go on", stop.signal_name)
         return EXIT_INTERRUPTED
+    if breached:
+        return EXIT_BAD_INPUTS
     if run.options.strict and tally.errors:
         log.error("--strict: %d inputs could not be classified (their rows are written, with the error)", tally.errors)
         return EXIT_BAD_INPUTS

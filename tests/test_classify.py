@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import duckdb
@@ -17,8 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from batch import pipeline
 from batch.commit import OutputDir
 from batch.environment import Shard
+from batch.pipeline import ClassifyOptions
+from batch.stopping import StopRequest
 from batch.weights import sha256_of
 from batch.writer import read_record
 from tests import images
@@ -102,6 +106,15 @@ def test_strict_and_error_rate_fail_the_run_after_writing(awkward_folder, tmp_pa
     rate = run_batch("classify", awkward_folder, "-o", tmp_path / "b", *FAST, "--max-error-rate", "0.1", check=False)
     assert rate.returncode == 3 and "--max-error-rate" in rate.stderr
     assert run_batch("classify", awkward_folder, "-o", tmp_path / "c", *FAST, "--max-error-rate", "0.5").returncode == 0
+
+
+@pytest.mark.parametrize("signal_name, status", [(None, 3), ("SIGUSR1", 75), ("SIGTERM", 75)])
+def test_a_stop_signal_exits_75_even_when_the_error_rate_was_breached(signal_name, status):
+    """Slurm requeues on 75 only: were 3 to win, the rest of the shard would silently never be done."""
+    run = SimpleNamespace(options=ClassifyOptions(sources=(), output="out", max_error_rate=0.1, strict=True))
+    stop = StopRequest()
+    stop.signal_name = signal_name
+    assert pipeline._finish(run, pipeline.Tally(processed=200, errors=150), stop, seconds=1.0) == status
 
 
 @pytest.mark.parametrize(
