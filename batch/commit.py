@@ -90,11 +90,13 @@ def describe_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> st
 class OutputDir:
     """One task's view of OUT: what its bucket range already holds, and how it adds more."""
 
-    def __init__(self, root: str, buckets: range, identity: dict[str, Any]):
+    def __init__(self, root: str, buckets: range, identity: dict[str, Any], job_id: str | None = None):
         self.root = os.path.abspath(root)
         self.buckets = buckets
         self.identity = identity
+        self.job_id = job_id  # Slurm's, stable across requeues of one task
         self.next_chunk = 0
+        self.replaced: list[Part] = []  # --overwrite: parts to delete just before the first new one appears
         self._lock: object | None = None
 
     def _claim(self) -> None:
@@ -114,7 +116,8 @@ class OutputDir:
         self._lock = handle
 
     def prepare(self, overwrite: bool) -> None:
-        """Claim the range, clear its dead staging files, and check (or, with overwrite, remove) its parts."""
+        """Claim the range, clear its dead staging files, and check its parts; with overwrite, mark those
+        that earlier jobs wrote for replacement, deleting nothing yet."""
         self._claim()
         for name in os.listdir(self.root):
             match = STAGING.match(name)
@@ -131,13 +134,20 @@ class OutputDir:
                     f"{self.buckets.start}-{self.buckets.stop - 1}; overwrite with the earlier number of shards, "
                     "or choose another output"
                 )
-            for part in mine:
-                remove_if_present(part.path)
-            return
-        siblings = [part for part in parts if not part.meets(self.buckets)][:1]
+            self.replaced = [part for part in mine if not self._written_by_this_job(part)]
+            mine = [part for part in mine if part not in self.replaced]  # a requeue's own progress stays
+            siblings = []
+        else:
+            siblings = [part for part in parts if not part.meets(self.buckets)][:1]
         for part in mine + siblings:
             self._check_identity(part)
-        self.next_chunk = 1 + max((part.chunk for part in mine if part.buckets == self.buckets), default=-1)
+        self.next_chunk = 1 + max((part.chunk for part in parts if part.buckets == self.buckets), default=-1)
+
+    def _written_by_this_job(self, part: Part) -> bool:
+        try:
+            return self.job_id is not None and read_record(part.path)["provenance"]["slurm_job_id"] == self.job_id
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            return False
 
     def _check_identity(self, part: Part) -> None:
         try:
@@ -158,7 +168,7 @@ class OutputDir:
         wanted = pa.array([os.fsencode(path) for path in inputs], pa.binary())
         done = set()
         for part in list_parts(self.root):
-            if part.meets(self.buckets):
+            if part.meets(self.buckets) and part not in self.replaced:
                 for rows in _path_batches(part.path):
                     keys = stored.keys(rows)
                     done.update(pc.filter(keys, pc.is_in(keys, value_set=wanted)).to_pylist())
@@ -168,7 +178,10 @@ class OutputDir:
         return os.path.join(self.root, f".{part_name(self.buckets, self.next_chunk)}.tmp")
 
     def publish(self, staging: str) -> str:
-        """Atomically make a closed, fsynced staging file a visible part; the directory entry is synced too."""
+        """Atomically make a closed, fsynced staging file a visible part; the directory entry is synced too.
+        Parts that --overwrite replaces go just before the first new one: a run that fails before it can
+        write (a corrupt weights file, a stop while the model loads) leaves the old results whole."""
+        self.drop_replaced()
         final = os.path.join(self.root, part_name(self.buckets, self.next_chunk))
         os.replace(staging, final)
         directory = os.open(self.root, os.O_RDONLY)
@@ -178,6 +191,13 @@ class OutputDir:
             os.close(directory)
         self.next_chunk += 1
         return final
+
+
+    def drop_replaced(self) -> None:
+        """Delete the parts --overwrite replaces (at the first publish, or at the end of a run with none)."""
+        for part in self.replaced:
+            remove_if_present(part.path)
+        self.replaced = []
 
 
 def _within(inner: range, outer: range) -> bool:

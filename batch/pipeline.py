@@ -117,7 +117,7 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     batch_size = options.batch_size or default_batch_size(device)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    output = commit.OutputDir(options.output, shard.buckets, identity(spec, options.topk, options.embeddings))
+    output = commit.OutputDir(options.output, shard.buckets, identity(spec, options.topk, options.embeddings), env.job_id)
     output.prepare(options.overwrite)
     return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)
 
@@ -204,6 +204,8 @@ def execute(run: Plan, stop: StopRequest) -> int:
     tally = Tally()
     if todo and not stop.requested:
         _stream(run, todo, tally, stop)
+    if not stop.requested:
+        run.output.drop_replaced()  # --overwrite over a shard that had nothing left to write
     return _finish(run, tally, stop, time.monotonic() - started)
 
 

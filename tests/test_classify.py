@@ -172,6 +172,27 @@ def test_shards_from_options_and_from_a_slurm_array_cover_every_input_once(awkwa
     assert len(read_rows(output)) == len(paths)
 
 
+def test_overwrite_deletes_nothing_until_the_new_run_can_write(photos, tmp_path):
+    output = tmp_path / "out"
+    run_batch("classify", photos, "-o", output, *FAST)
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a weights file")
+    failed = run_batch("classify", photos, "-o", output, "--model", "mobilenet_v3_small", "--weights",
+                       tmp_path / "corrupt.pth", "--overwrite", check=False)  # fmt: skip
+    assert failed.returncode == 1 and "cannot read weights" in failed.stderr
+    assert len(read_rows(output)) == 3, "the earlier results must survive a run that never wrote"
+
+
+def test_overwrite_in_a_requeued_job_keeps_that_jobs_own_progress(photos, tmp_path):
+    output = tmp_path / "out"
+    run_batch("classify", photos, "-o", output, *FAST, env={"SLURM_JOB_ID": "41"})
+    first = run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", "--overwrite", env={"SLURM_JOB_ID": "42"})
+    assert "0 already done, 3 to classify" in first.stderr
+    requeued = run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", "--overwrite", env={"SLURM_JOB_ID": "42"})
+    assert "3 already done, 0 to classify" in requeued.stderr
+    rows = read_rows(output)
+    assert len(rows) == 3 and all(len(row["topk_ids"]) == 3 for row in rows)
+
+
 def test_a_different_configuration_is_refused_unless_overwrite(photos, tmp_path):
     output = tmp_path / "out"
     run_batch("classify", photos, "-o", output, *FAST)
