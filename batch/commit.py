@@ -47,7 +47,7 @@ class Part:
     chunk: int
 
     def meets(self, buckets: range) -> bool:
-        return self.buckets.start < buckets.stop and buckets.start < self.buckets.stop
+        return _overlap(self.buckets, buckets)
 
 
 def part_name(buckets: range, chunk: int) -> str:
@@ -121,7 +121,7 @@ class OutputDir:
         self._claim()
         for name in os.listdir(self.root):
             match = STAGING.match(name)
-            if match and int(match["start"]) < self.buckets.stop and self.buckets.start < int(match["stop"]):
+            if match and _overlap(range(int(match["start"]), int(match["stop"])), self.buckets):
                 remove_if_present(os.path.join(self.root, name))  # its writer would hold our lock
         parts = list_parts(self.root)
         mine = [part for part in parts if part.meets(self.buckets)]
@@ -163,16 +163,15 @@ class OutputDir:
     def unfinished(self, inputs: list[str]) -> list[str]:
         """The inputs without a row yet, reading the overlapping parts one at a time: memory follows the
         inputs, not the output, whatever array size wrote the parts."""
-        if not inputs:
-            return []
-        wanted = pa.array([os.fsencode(path) for path in inputs], pa.binary())
+        exact = [os.fsencode(path) for path in inputs]
+        wanted = pa.array(exact, pa.binary())
         done = set()
-        for part in list_parts(self.root):
+        for part in list_parts(self.root) if inputs else []:
             if part.meets(self.buckets) and part not in self.replaced:
                 for rows in _path_batches(part.path):
                     keys = stored.keys(rows)
                     done.update(pc.filter(keys, pc.is_in(keys, value_set=wanted)).to_pylist())
-        return [path for path in inputs if os.fsencode(path) not in done] if done else inputs
+        return [path for path, name in zip(inputs, exact) if name not in done]
 
     def staging_path(self) -> str:
         return os.path.join(self.root, f".{part_name(self.buckets, self.next_chunk)}.tmp")
@@ -192,12 +191,15 @@ class OutputDir:
         self.next_chunk += 1
         return final
 
-
     def drop_replaced(self) -> None:
         """Delete the parts --overwrite replaces (at the first publish, or at the end of a run with none)."""
         for part in self.replaced:
             remove_if_present(part.path)
         self.replaced = []
+
+
+def _overlap(one: range, other: range) -> bool:
+    return one.start < other.stop and other.start < one.stop
 
 
 def _within(inner: range, outer: range) -> bool:

@@ -93,10 +93,10 @@ def file_system_of(folder: str, mount_table: str = "/proc/self/mounts") -> str:
     return kind
 
 
-def walk(root: str, is_input: Callable[[str], bool], threads: int | None = None) -> Iterator[Found]:
-    """Every input below root, following symlinked folders but never into a loop; folders are listed
-    and their files stat-ed by `threads` threads at once (default: `threads_for` the root). Order is
-    not defined: callers sort."""
+def walk(root: str, is_input: Callable[[str], bool], threads: int | None = None, facts: bool = True) -> Iterator[Found]:
+    """Every input below root, following symlinked folders but never into a loop; folders are listed,
+    and with `facts` their files stat-ed for size and mtime, by `threads` threads at once (default:
+    `threads_for` the root). Without `facts` a file costs no stat. Order is not defined: callers sort."""
     root = os.path.abspath(root)
     threads = threads or threads_for(root)
     try:
@@ -107,7 +107,7 @@ def walk(root: str, is_input: Callable[[str], bool], threads: int | None = None)
     done: queue.SimpleQueue[Future[_Folder]] = queue.SimpleQueue()
     with ThreadPoolExecutor(threads, thread_name_prefix="walk") as pool:
         pending = 1
-        pool.submit(_list_folder, root, is_input).add_done_callback(done.put)
+        pool.submit(_list_folder, root, is_input, facts).add_done_callback(done.put)
         while pending:
             folder = done.get().result()
             pending -= 1
@@ -116,25 +116,33 @@ def walk(root: str, is_input: Callable[[str], bool], threads: int | None = None)
                 if identity not in seen:
                     seen.add(identity)
                     pending += 1
-                    pool.submit(_list_folder, path, is_input).add_done_callback(done.put)
+                    pool.submit(_list_folder, path, is_input, facts).add_done_callback(done.put)
 
 
-def _list_folder(folder: str, is_input: Callable[[str], bool]) -> _Folder:
+def _list_folder(folder: str, is_input: Callable[[str], bool], facts: bool) -> _Folder:
     listed = _Folder()
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return listed  # an unreadable sub-folder has no names to report
     for entry in entries:
-        try:
-            info = entry.stat()  # follows symlinks
-        except OSError:
-            info = None
-        if info is not None and stat.S_ISDIR(info.st_mode):
+        if _is_folder(entry):
+            try:
+                info = entry.stat()  # follows symlinks: its identity guards against loops
+            except OSError:
+                continue
             listed.folders.append((entry.path, (info.st_dev, info.st_ino)))
         elif is_input(entry.name):
-            listed.files.append(_found(entry.path, info))
+            listed.files.append(describe(entry.path, facts))
     return listed
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """From the directory entry's own type where the file system gives one: a stat only for symlinks."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _found(path: str, info: os.stat_result | None) -> Found:
@@ -146,8 +154,10 @@ def _found(path: str, info: os.stat_result | None) -> Found:
     return Found(path, info.st_size if stat.S_ISREG(info.st_mode) else None, info.st_mtime_ns)
 
 
-def describe(path: str) -> Found:
-    """Size and mtime of one named input (a file given directly or in a @list)."""
+def describe(path: str, facts: bool = True) -> Found:
+    """One input; with `facts` its size and mtime (a stat each), else the name alone."""
+    if not facts:
+        return Found(path, None, None)
     try:
         return _found(path, os.stat(path))
     except OSError:
@@ -243,12 +253,16 @@ def is_laid_out(schema: pa.Schema) -> bool:
         return False
 
 
-def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
-    """The manifest's rows in `buckets` (path and path_bytes), reading only the row groups that hold them."""
+def _open(manifest: str) -> pq.ParquetFile:
     try:
-        handle = pq.ParquetFile(manifest)
+        return pq.ParquetFile(manifest)
     except (OSError, pa.ArrowException) as error:
         raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
+
+
+def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
+    """The manifest's rows in `buckets` (path and path_bytes), reading only the row groups that hold them."""
+    handle = _open(manifest)
     schema = handle.schema_arrow
     if "path" not in schema.names:
         raise ManifestError(f"{manifest} has no 'path' column; write manifests with `batch index`")
@@ -270,11 +284,7 @@ def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
 
 
 def check_laid_out(manifest: str) -> None:
-    try:
-        schema = pq.read_schema(manifest)
-    except (OSError, pa.ArrowException) as error:
-        raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
-    if not is_laid_out(schema):
+    if not is_laid_out(_open(manifest).schema_arrow):
         raise ManifestError(f"{manifest} was not written by this version of `batch index`: index the tree again")
 
 

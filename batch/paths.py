@@ -27,22 +27,19 @@ def bucket_of(path: str) -> int:
     return zlib.crc32(os.fsencode(path)) >> 16
 
 
-def readable(path: str) -> str:
-    """The `path` column: the name itself when it is UTF-8, else with its odd bytes as `\\xNN`."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def raw_bytes(path: str) -> bytes | None:
-    """The `path_bytes` column: the exact name when `readable` had to escape it, else None."""
+    """The `path_bytes` column: the exact name when it is not UTF-8, else None."""
     try:
         path.encode("utf-8")
         return None
     except UnicodeEncodeError:
         return os.fsencode(path)
+
+
+def readable(path: str) -> str:
+    """The `path` column: the name itself when it is UTF-8, else with its odd bytes as `\\xNN`."""
+    exact = raw_bytes(path)
+    return path if exact is None else exact.decode("utf-8", "backslashreplace")
 
 
 def path_columns(paths: Sequence[str]) -> dict[str, pa.Array]:

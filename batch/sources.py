@@ -60,7 +60,7 @@ def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str
         if is_manifest(source):
             paths.update(stored.from_columns(manifest.read(source, buckets)))
         else:
-            paths.update(found.path for found in _expand(source) if bucket_of(found.path) in buckets)
+            paths.update(found.path for found in _expand(source, facts=False) if bucket_of(found.path) in buckets)
     return sorted(paths)
 
 
@@ -79,16 +79,17 @@ def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
     return manifest.table_of(everything())
 
 
-def _expand(source: str, threads: int | None = None) -> Iterator[manifest.Found]:
+def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
+    """The inputs a source names; with `facts`, their size and mtime (which costs a stat each)."""
     if source.startswith("@"):
-        yield from read_list(source[1:], threads)
+        yield from read_list(source[1:], threads, facts)
     elif os.path.isdir(source):
-        yield from manifest.walk(source, is_image_name, threads)
+        yield from manifest.walk(source, is_image_name, threads, facts)
     else:
-        yield manifest.describe(os.path.abspath(source))
+        yield manifest.describe(os.path.abspath(source), facts)
 
 
-def read_list(list_file: str, threads: int | None = None) -> Iterator[manifest.Found]:
+def read_list(list_file: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
     """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list."""
     base = os.path.dirname(os.path.abspath(list_file))
     with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:
@@ -98,6 +99,6 @@ def read_list(list_file: str, threads: int | None = None) -> Iterator[manifest.F
                 continue
             path = os.path.join(base, entry)
             if os.path.isdir(path):
-                yield from manifest.walk(path, is_image_name, threads)
+                yield from manifest.walk(path, is_image_name, threads, facts)
             else:
-                yield manifest.describe(os.path.abspath(path))
+                yield manifest.describe(os.path.abspath(path), facts)
