@@ -25,8 +25,8 @@ import batch
 from batch import commit, models, sources
 from batch.decode import Decoded, Preprocess, decode
 from batch.environment import JobEnvironment, Shard
-from batch.paths import BUCKETS
 from batch.inference import Classifier, choose_device, choose_precision, device_name
+from batch.paths import BUCKETS
 from batch.progress import Progress, format_duration
 from batch.stopping import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals
 from batch.weights import DEFAULT_WEIGHTS

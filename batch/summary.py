@@ -104,10 +104,9 @@ def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
             connection.close()
 
 
-def _key(files: str | list[str]) -> str:
+def _key(files: list[str]) -> str:
     """The SQL for a row's exact name; a manifest not written by `batch index` may lack `path_bytes`."""
-    first = files if isinstance(files, str) else files[0]
-    return "coalesce(path_bytes, encode(path))" if "path_bytes" in pq.read_schema(first).names else "encode(path)"
+    return "coalesce(path_bytes, encode(path))" if "path_bytes" in pq.read_schema(files[0]).names else "encode(path)"
 
 
 def _doubles(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> list[str]:
@@ -127,23 +126,25 @@ def _mixed(records: list[dict]) -> list[str]:
 
 
 def _missing(connection: duckdb.DuckDBPyConnection, parts: list[str], manifest: str) -> list[str]:
-    def without_match(left: str, right: str) -> tuple[int, list[str]]:
-        return connection.execute(
-            f"""SELECT count(*), min(path, {SHOWN_PATHS}) FROM (SELECT path, {_key(files[left])} AS key FROM read_parquet(${left}))
-                ANTI JOIN (SELECT {_key(files[right])} AS key FROM read_parquet(${right})) USING (key)""",
-            files,
-        ).fetchone()
-
-    files = {"manifest": [manifest], "parts": parts}
-    (expected,) = connection.execute("SELECT count(*) FROM read_parquet($manifest)", {"manifest": [manifest]}).fetchone()
+    examples = f"count(*), min(path, {SHOWN_PATHS})"
+    expected = pq.read_metadata(manifest).num_rows
     problems = []
-    missing, shown = without_match("manifest", "parts")
+    missing, shown = _without_match(connection, examples, [manifest], parts).fetchone()
     if missing:
         problems.append(f"MISSING: {missing} of {expected} inputs in {os.path.basename(manifest)} have no row, e.g. {', '.join(shown)}")
-    extra, shown = without_match("parts", "manifest")
+    extra, shown = _without_match(connection, examples, parts, [manifest]).fetchone()
     if extra:
         problems.append(f"EXTRA: {extra} rows are not in the manifest, e.g. {', '.join(shown)}")
     return problems
+
+
+def _without_match(connection: duckdb.DuckDBPyConnection, select: str, left: list[str], right: list[str]) -> duckdb.DuckDBPyConnection:
+    """`select` over the rows of the `left` files whose exact name no row of the `right` files has."""
+    return connection.execute(
+        f"""SELECT {select} FROM (SELECT *, {_key(left)} AS key FROM read_parquet($left, file_row_number = true))
+            ANTI JOIN (SELECT {_key(right)} AS key FROM read_parquet($right)) USING (key)""",
+        {"left": left, "right": right},
+    )
 
 
 def pending(manifest: str, output: str, to_do: str) -> int:
@@ -154,11 +155,5 @@ def pending(manifest: str, output: str, to_do: str) -> int:
     if not parts:
         return manifests.copy_rows(manifest, None, to_do)
     with _duckdb() as connection:
-        rows = connection.execute(
-            f"""SELECT file_row_number FROM (SELECT file_row_number, {_key(manifest)} AS key
-                                             FROM read_parquet($manifest, file_row_number = true))
-                ANTI JOIN (SELECT {_key(parts)} AS key FROM read_parquet($parts)) USING (key)
-                ORDER BY file_row_number""",
-            {"manifest": [manifest], "parts": parts},
-        ).fetchnumpy()["file_row_number"]
-    return manifests.copy_rows(manifest, np.asarray(rows, np.int64), to_do)
+        rows = _without_match(connection, "file_row_number", [manifest], parts).fetchnumpy()["file_row_number"]
+    return manifests.copy_rows(manifest, np.sort(np.asarray(rows, np.int64)), to_do)
