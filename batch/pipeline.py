@@ -16,19 +16,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
 
 import batch
 from batch import commit, models, sources
-from batch.decode import Decoded, Preprocess, decode
+from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
 from batch.inference import Classifier, choose_device, choose_precision, device_name
 from batch.paths import BUCKETS
+from batch.pool import DecodePool
 from batch.progress import Progress, format_duration
-from batch.stopping import EXIT_INTERRUPTED, StopRequest, ignore_stop_signals
+from batch.stopping import EXIT_INTERRUPTED, StopRequest
 from batch.weights import DEFAULT_WEIGHTS
 from batch.writer import ChunkWriter, RowBuilder
 
@@ -133,42 +132,6 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-class ImageFiles(Dataset):
-    def __init__(self, paths: list[str], preprocess: Preprocess):
-        self.paths = paths
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Decoded:
-        return decode(index, self.paths[index], self.preprocess)
-
-
-@dataclass
-class Batch:
-    items: list[Decoded]
-    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order
-
-    def pin_memory(self) -> "Batch":
-        if self.pixels is not None:
-            self.pixels = self.pixels.pin_memory()
-        return self
-
-
-def collate(items: list[Decoded]) -> Batch:
-    good = [item.pixels for item in items if item.pixels is not None]
-    pixels = torch.from_numpy(np.stack(good)) if good else None
-    for item in items:
-        item.pixels = None  # travel once, inside the stacked tensor
-    return Batch(items, pixels)
-
-
-def _worker_init(_worker_id: int) -> None:
-    ignore_stop_signals()
-    torch.set_num_threads(1)
-
-
 @dataclass
 class Tally:
     processed: int = 0
@@ -211,15 +174,8 @@ def execute(run: Plan, stop: StopRequest) -> int:
 
 def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None:
     options, output = run.options, run.output
-    loader = DataLoader(
-        ImageFiles(todo, run.spec.preprocess),
-        batch_size=run.batch_size,
-        num_workers=run.workers,
-        collate_fn=collate,
-        pin_memory=run.device.type == "cuda",
-        worker_init_fn=_worker_init,
-    )
-    batches = iter(loader)  # forks the workers now: they decode the first batches while the model loads
+    # The workers start now, and decode the first batches while the model loads.
+    batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda")
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
     try:
@@ -241,7 +197,7 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
             _commit(chunk, output)
             chunk = None
     finally:
-        del batches  # the last reference: an exception must not keep the workers alive until exit
+        batches.close()  # stops the workers now, whether the run ended, broke off or failed
         if chunk is not None:
             chunk.abandon()
         progress.finish()

@@ -1,0 +1,229 @@
+"""Decoding processes: paths in, batches of uint8 crops out, in order; a crash costs one file.
+
+Why not torch's DataLoader: when one of its workers dies (a native fault in a codec library, the
+out-of-memory killer taking a worker that swelled on one huge file), the whole run fails with
+"DataLoader worker ... killed by signal", raised from a SIGCHLD handler wherever the main process
+happens to be, and the next run meets the same file and dies the same way: the shard never finishes.
+
+Here each worker has its own pipe and its own slots of shared memory, and writes the index of the file
+it is decoding into a shared array before it starts on it. When a worker dies, that file gets an error
+row naming how (`decoder crashed: killed by SIGSEGV ...`), the worker's unfinished batches go to a
+fresh worker without it, and nothing else in the run notices. Pixels never travel through the pipe:
+the worker writes them into its slot and sends the per-file outcomes (errors, sizes) alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import numpy as np
+import torch
+
+from batch.decode import Decoded, Preprocess, decode
+from batch.stopping import ignore_stop_signals
+
+log = logging.getLogger(__name__)
+
+SLOTS = 2  # batches a worker holds at once: one it decodes, one done and waiting to be taken
+IDLE = -1  # a worker's entry in `current` between files
+DEATHS_BETWEEN_FILES = 3  # a worker that keeps dying while on no file is a broken machine, not a bad file
+
+
+@dataclass
+class Batch:
+    items: list[Decoded]  # every file of the batch, in order; pixels travel in `pixels` only
+    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order
+
+
+@dataclass
+class _Task:
+    number: int  # the batch's place in the run
+    slot: int
+    indices: list[int]
+    crashed: list[Decoded] = field(default_factory=list)  # files whose decoder died, answered here
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    connection: Connection
+    tasks: list[_Task]  # sent and not yet answered, in the order the worker takes them
+    done: dict[int, tuple[_Task, list[Decoded]]] = field(default_factory=dict)  # answered, by slot
+
+
+class DecodePool:
+    """`workers` decoding processes, started at once so they work while the model loads. With no
+    workers, files are decoded in this process when a batch is asked for, without isolation."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool):
+        self.paths, self.preprocess, self.pin = paths, preprocess, pin
+        self.chunks = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
+        crop = preprocess.crop
+        self.slots = torch.empty((workers, SLOTS, batch_size, crop, crop, 3), dtype=torch.uint8)
+        if workers:
+            self.slots.share_memory_()
+        self.current = multiprocessing.get_context("fork").Array("q", [IDLE] * workers, lock=False)
+        self.sent = 0  # batches handed to workers so far
+        self.deaths_between_files = 0
+        self.workers = [self._start(number, []) for number in range(workers)]
+        self._fill()
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *_exception: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.workers:
+            yield from self._decode_here()
+            return
+        for number in range(len(self.chunks)):
+            place = number % len(self.workers)
+            task, items = self._answer(number, place)
+            good = int(sum(item.error is None for item in items))
+            pixels = self.slots[place, task.slot, :good]
+            pixels = (pixels.pin_memory() if self.pin else pixels.clone()) if good else None
+            self._fill()  # the slot is free again: the pixels are copied out
+            yield Batch(sorted(items + task.crashed, key=lambda item: item.index), pixels)
+
+    def _decode_here(self) -> Iterator[Batch]:
+        for indices in self.chunks:
+            items = [decode(index, self.paths[index], self.preprocess) for index in indices]
+            good = [item.pixels for item in items if item.pixels is not None]
+            for item in items:
+                item.pixels = None
+            pixels = torch.from_numpy(np.stack(good)) if good else None
+            yield Batch(items, pixels.pin_memory() if self.pin and pixels is not None else pixels)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.connection.send(None)
+            except OSError:
+                pass  # already dead
+        for worker in self.workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.connection.close()
+
+    def _fill(self) -> None:
+        """Hand out batches in order, batch N to worker N mod W, while that worker has a free slot."""
+        while self.sent < len(self.chunks):
+            worker = self.workers[self.sent % len(self.workers)]
+            busy = {task.slot for task in worker.tasks} | set(worker.done)
+            free = [slot for slot in range(SLOTS) if slot not in busy]
+            if not free:
+                return
+            task = _Task(self.sent, free[0], self.chunks[self.sent])
+            worker.tasks.append(task)
+            self._send(worker, task)
+            self.sent += 1
+
+    def _answer(self, number: int, place: int) -> tuple[_Task, list[Decoded]]:
+        """Wait for batch `number` from the worker at `place`, replacing the worker each time it dies."""
+        while True:
+            worker = self.workers[place]
+            for slot, (task, items) in list(worker.done.items()):
+                if task.number == number:
+                    del worker.done[slot]
+                    return task, items
+            ready = wait([worker.connection, worker.process.sentinel])
+            if worker.connection in ready and self._receive(worker):
+                continue
+            if worker.process.sentinel in ready or not worker.process.is_alive():
+                self._replace(place)
+
+    def _receive(self, worker: _Worker) -> bool:
+        try:
+            slot, items = worker.connection.recv()
+        except (EOFError, OSError):
+            return False  # the worker died mid-message: its sentinel tells
+        task = worker.tasks.pop(0)
+        assert task.slot == slot, "a worker answers its tasks in order"
+        worker.done[slot] = (task, items)
+        return True
+
+    def _replace(self, number: int) -> None:
+        """Fail the file the dead worker was on, and give its unanswered batches to a fresh worker."""
+        dead = self.workers[number]
+        dead.process.join()
+        how = _how_it_died(dead.process.exitcode)
+        culprit = self.current[number]
+        task = next((task for task in dead.tasks if culprit in task.indices), None)
+        if task is None:
+            self.deaths_between_files += 1
+            if self.deaths_between_files >= DEATHS_BETWEEN_FILES:
+                raise RuntimeError(f"decoding workers died {self.deaths_between_files} times between files, last {how}: "
+                                   "check the node's memory and /dev/shm")
+            log.warning("a decoding worker died between files (%s); a new one takes over", how)
+        else:
+            task.indices.remove(culprit)
+            task.crashed.append(Decoded(culprit, error=f"decoder crashed: {how}"))
+            log.warning("the decoder died on %s (%s); that file gets an error row, a new worker takes over", self.paths[culprit], how)
+        dead.connection.close()
+        self.current[number] = IDLE
+        fresh = self._start(number, dead.tasks)
+        fresh.done = dead.done
+        self.workers[number] = fresh
+        for task in fresh.tasks:
+            self._send(fresh, task)
+
+    def _start(self, number: int, tasks: list[_Task]) -> _Worker:
+        ours, theirs = multiprocessing.get_context("fork").Pipe()
+        process = multiprocessing.get_context("fork").Process(
+            target=_work, args=(number, theirs, self.slots[number], self.current, self.paths, self.preprocess),
+            name=f"batch-decode-{number}", daemon=True,
+        )  # fmt: skip
+        process.start()
+        theirs.close()
+        return _Worker(process, ours, tasks)
+
+    @staticmethod
+    def _send(worker: _Worker, task: _Task) -> None:
+        try:
+            worker.connection.send((task.slot, task.indices))
+        except OSError:
+            pass  # died already: `_answer` sees the sentinel and resends to its successor
+
+
+def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, paths: list[str], preprocess: Preprocess) -> None:
+    """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
+    ignore_stop_signals()
+    torch.set_num_threads(1)
+    while True:
+        try:
+            task = connection.recv()
+        except EOFError:
+            return  # the main process is gone
+        if task is None:
+            return
+        slot, indices = task
+        items, good = [], 0
+        for index in indices:
+            current[number] = index
+            item = decode(index, paths[index], preprocess)
+            if item.pixels is not None:
+                slots[slot, good] = torch.from_numpy(item.pixels)
+                item.pixels = None
+                good += 1
+            items.append(item)
+        current[number] = IDLE
+        connection.send((slot, items))
+
+
+def _how_it_died(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = "; out of memory?" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name} ({signal.strsignal(-exitcode)}{hint})"
+    return f"its process exited with status {exitcode}"
