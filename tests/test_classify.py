@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from batch.writer import read_record
 from tests import images
 from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
 from tests.images import small_images
+from tests.test_repository import readme_blocks
+
+TIMED_LINE = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S")
 
 EXPECTED_SCHEMA = pa.schema(
     [("path", pa.string(), False), ("path_bytes", pa.binary()), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
@@ -45,8 +49,15 @@ def duckdb_one(query: str) -> tuple:
         return connection.execute(query).fetchone()
 
 
+def shape(log: str) -> list[str]:
+    """Log lines with every number made N: what a run prints, whatever its times and rates."""
+    return [re.sub(r"\d+(\.\d+)?", "N", line) for line in log.splitlines()]
+
+
 def test_default_model_names_the_sample_photos(photos, tmp_path):
-    result = run_batch("classify", photos, "-o", tmp_path / "out")
+    result = run_batch("classify", photos, "-o", tmp_path / "out", "--device", "cpu")
+    shown = readme_blocks()[2].split("$ batch classify tests/data/photos -o out/samples\n")[1].split("$")[0]
+    assert shape(result.stderr.replace(str(tmp_path / "out"), "out/samples")) == shape(shown), "the README's example"
     rows = {Path(row["path"]).stem: row for row in read_rows(tmp_path / "out")}
     assert rows["chelsea"]["label"] in {"Egyptian cat", "tiger cat", "tabby"}
     assert rows["coffee"]["label"] == "espresso"
@@ -331,6 +342,17 @@ def test_a_stop_signal_commits_and_exits_75_then_the_same_command_finishes(tmp_p
     assert 0 < len(read_rows(output)) < len(inputs)
     run_batch("classify", tmp_path / "in", "-o", output, *FAST, "--batch-size", "2", "--commit-every", "0")
     assert_exactly_once(output, inputs)
+
+
+def test_every_line_of_a_batch_log_starts_with_the_time_progress_too(tmp_path):
+    small_images(tmp_path / "in", 400)
+    started = time.monotonic()
+    process = start_slow_run(tmp_path / "in", tmp_path / "out")  # stderr a pipe, not a terminal
+    _stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert [line for line in stderr.splitlines() if not TIMED_LINE.match(line)] == []
+    if time.monotonic() - started > 5 + 5:  # past start-up (under 5 s) and one interval
+        assert re.search(r"INFO progress: \d+/400 images, [\d.]+ images/s, ETA [\d:]+, 0 errors$", stderr, re.MULTILINE)
 
 
 def test_row_groups_hold_many_rows_not_one_batch(tmp_path):
