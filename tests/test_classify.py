@@ -139,14 +139,21 @@ def test_a_stop_signal_exits_75_even_when_the_error_rate_was_breached(signal_nam
         (["{photos}", "--num-shards", "4"], "--num-shards and --shard-index go together"),
         (["{photos}", "--num-shards", "4", "--shard-index", "4"], "shard index 4 is outside 0..3"),
         (["{photos}", "--device", "tpu"], "unknown device 'tpu'"),
+        (["{photos}", "--workers", "-1"], "--workers must be 0"),
+        (["{photos}", "--batch-size", "-1"], "--batch-size must be at least 1"),
+        (["{photos}", "--max-error-rate", "2"], "--max-error-rate is a fraction"),
     ],
 )  # fmt: skip
 def test_bad_arguments_fail_fast_and_create_nothing(photos, tmp_path, arguments, message):
-    output = tmp_path / "out"
-    result = run_batch("classify", *[a.format(photos=photos) for a in arguments], "-o", output, check=False)
+    result = run_batch("classify", *[a.format(photos=photos) for a in arguments], "-o", tmp_path / "new" / "out", check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
-    assert not output.exists()
+    assert list(tmp_path.iterdir()) == [], "exit 2 promises that nothing was created"
+
+
+def contents(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry of a folder with its size and modification time: what a refused run must not change."""
+    return {entry.name: (entry.stat().st_size, entry.stat().st_mtime_ns) for entry in folder.iterdir()}
 
 
 def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
@@ -155,17 +162,24 @@ def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
         assert result.returncode == 0 and len(read_rows(tmp_path / "out")) == 3
     else:
         assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
-        assert not (tmp_path / "out").exists()
+        assert list(tmp_path.iterdir()) == []
 
 
-def test_an_output_that_cannot_be_written_fails_before_the_model_loads(photos, tmp_path):
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads_and_leaves_nothing(photos, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     result = run_batch("classify", photos, "-o", locked / "out", check=False)
     assert result.returncode == 2 and f"cannot write to the output directory {locked / 'out'}" in result.stderr
+    assert list(locked.iterdir()) == []
     (tmp_path / "file").write_text("x")
     result = run_batch("classify", photos, "-o", tmp_path / "file", check=False)
     assert result.returncode == 2 and "exists and is not a directory" in result.stderr
+    assert (tmp_path / "file").read_text() == "x"
+    made = tmp_path / "made"
+    made.mkdir()
+    result = run_batch("classify", photos, "-o", made / "out", check=False, umask=0o222)  # made, but read-only
+    assert result.returncode == 2 and f"cannot write to the output directory {made / 'out'}" in result.stderr
+    assert list(made.iterdir()) == [], "the folder made for a refused output is removed again"
 
 
 def test_shards_from_options_and_from_a_slurm_array_cover_every_input_once(awkward_folder, photos, tmp_path):
@@ -207,10 +221,16 @@ def test_overwrite_in_a_requeued_job_keeps_that_jobs_own_progress(photos, tmp_pa
 def test_a_different_configuration_is_refused_unless_overwrite(photos, tmp_path):
     output = tmp_path / "out"
     run_batch("classify", photos, "-o", output, *FAST)
+    (output / ".part-00000-65536-c000009.parquet.tmp").write_bytes(b"PAR1 what a killed run left")
+    before = contents(output)
     refused = run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", check=False)
     assert refused.returncode == 2 and "topk: 5 there, 3 now" in refused.stderr
+    assert contents(output) == before, "a refused run leaves the output as it found it"
+    (output / ".lock").unlink()  # parts copied here without it
     refused = run_batch("classify", photos, "-o", output, check=False)
     assert refused.returncode == 2 and "model: 'mobilenet_v3_small' there, 'efficientnet_lite0' now" in refused.stderr
+    after = contents(output)
+    assert after.pop(".lock")[0] == 0 and after == {name: stat for name, stat in before.items() if name != ".lock"}
     run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", "--overwrite")
     rows = read_rows(output)
     assert len(rows) == 3 and all(len(row["topk_ids"]) == 3 for row in rows)
@@ -368,10 +388,12 @@ def test_a_second_process_on_overlapping_buckets_is_refused(photos, tmp_path):
     output.mkdir()
     running = OutputDir(str(output), Shard(1, 2).buckets, identity={})  # what a running task of a 2-task array holds
     running.prepare(overwrite=False)
+    before = contents(output)
     same = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "2", "--shard-index", "1", check=False)
     assert same.returncode == 2 and "another process is writing buckets 32768-65535" in same.stderr
     overlapping = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "3", "--shard-index", "1", check=False)
     assert overlapping.returncode == 2 and "another process is writing buckets 21845-43689" in overlapping.stderr
+    assert contents(output) == before
     beside = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "4", "--shard-index", "1")
     assert "classified" in beside.stderr
 
