@@ -54,14 +54,17 @@ def shape(log: str) -> list[str]:
     return [re.sub(r"\d+(\.\d+)?", "N", line) for line in log.splitlines()]
 
 
-def test_default_model_names_the_sample_photos(photos, tmp_path):
+def test_default_model_names_the_sample_photos_as_the_readme_shows(photos, tmp_path):
     result = run_batch("classify", photos, "-o", tmp_path / "out", "--device", "cpu")
-    shown = readme_blocks()[2].split("$ batch classify tests/data/photos -o out/samples\n")[1].split("$")[0]
-    assert shape(result.stderr.replace(str(tmp_path / "out"), "out/samples")) == shape(shown), "the README's example"
-    rows = {Path(row["path"]).stem: row for row in read_rows(tmp_path / "out")}
-    assert rows["chelsea"]["label"] in {"Egyptian cat", "tiger cat", "tabby"}
-    assert rows["coffee"]["label"] == "espresso"
-    assert rows["rocket"]["label"] in {"missile", "projectile"}
+    example = readme_blocks()[2]
+    shown = example.split("$ batch classify tests/data/photos -o out/samples\n")[1].split("$")[0]
+    assert shape(result.stderr.replace(str(tmp_path / "out"), "out/samples")) == shape(shown)
+    assert part_files(tmp_path / "out") == example.split("$ ls out/samples\n")[1].split()[:1]
+    answers = re.findall(r"^\.\.\./tests/data/photos/(\S+)\s+(.+?)\s+([\d.]+)$", example, re.MULTILINE)
+    rows = {Path(row["path"]).name: row for row in read_rows(tmp_path / "out")}
+    assert len(answers) == len(rows) == 3
+    for name, label, score in answers:
+        assert (rows[name]["label"], round(rows[name]["score"], 2)) == (label, float(score))
     for row in rows.values():
         assert row["error"] is None and row["label"] == row["topk_labels"][0]
         assert row["score"] == row["topk_scores"][0] and row["topk_scores"] == sorted(row["topk_scores"], reverse=True)

@@ -50,7 +50,7 @@ def batch_log():
 
 def test_a_batch_log_gets_a_timed_line_each_interval_with_rate_eta_and_errors(clock, batch_log):
     not_a_terminal = io.StringIO()
-    bar = Progress(total=10, stream=not_a_terminal, log_interval=5)
+    bar = Progress(total=10, stream=not_a_terminal)  # the README's "a line every 5 seconds"
     clock.now = 102
     bar.update(4, 1)  # within the interval: no line yet
     clock.now = 105
