@@ -15,11 +15,14 @@ import batch
 from batch.stopping import StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Our own messages at INFO (DEBUG with -v); other libraries' only from WARNING up."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
+    """Our own messages at INFO (DEBUG with -v); other libraries' only from WARNING up. Python warnings
+    (torch's) are logged too, so that every line of a batch log starts with the time."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr)
+    logging.captureWarnings(True)
     logging.getLogger("batch").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 

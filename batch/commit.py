@@ -68,16 +68,40 @@ def list_parts(root: str) -> list[Part]:
 
 
 def check_writable(root: str) -> None:
-    """Create OUT if needed and prove we can write there, before the model is loaded."""
+    """Create OUT if needed and prove we can write there, before the model is loaded. Folders made
+    here for a refused output are removed again: a run refused with exit 2 leaves nothing behind."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise OutputError(f"output {root} exists and is not a directory")
+    missing = _missing_folders(root)
     try:
         os.makedirs(root, exist_ok=True)
         # A random name: tasks in containers all run as PID 1, so a PID in the name would collide.
         with tempfile.NamedTemporaryFile(dir=root, prefix=".batch-write-test-"):
             pass
     except OSError as error:
+        _remove_empty(missing)
         raise OutputError(f"cannot write to the output directory {root}: {error.strerror or error}") from None
+
+
+def _missing_folders(root: str) -> list[str]:
+    """ROOT and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = os.path.abspath(root)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove these folders, deepest first, while they are empty (another task may have filled one)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue  # never made: makedirs failed below it
+        except OSError:
+            return
 
 
 def describe_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -116,13 +140,9 @@ class OutputDir:
         self._lock = handle
 
     def prepare(self, overwrite: bool) -> None:
-        """Claim the range, clear its dead staging files, and check its parts; with overwrite, mark those
-        that earlier jobs wrote for replacement, deleting nothing yet."""
+        """Claim the range, check its parts, then clear its dead staging files; with overwrite, mark the
+        parts that earlier jobs wrote for replacement, deleting nothing yet."""
         self._claim()
-        for name in os.listdir(self.root):
-            match = STAGING.match(name)
-            if match and _overlap(range(int(match["start"]), int(match["stop"])), self.buckets):
-                remove_if_present(os.path.join(self.root, name))  # its writer would hold our lock
         parts = list_parts(self.root)
         mine = [part for part in parts if part.meets(self.buckets)]
         if overwrite:
@@ -141,6 +161,10 @@ class OutputDir:
             siblings = [part for part in parts if not part.meets(self.buckets)][:1]
         for part in mine + siblings:
             self._check_identity(part)
+        for name in os.listdir(self.root):  # only now: a refused run leaves the output as it found it
+            match = STAGING.match(name)
+            if match and _overlap(range(int(match["start"]), int(match["stop"])), self.buckets):
+                remove_if_present(os.path.join(self.root, name))  # its writer would hold our lock
         self.next_chunk = 1 + max((part.chunk for part in parts if part.buckets == self.buckets), default=-1)
 
     def _written_by_this_job(self, part: Part) -> bool:

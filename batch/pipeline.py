@@ -1,8 +1,9 @@
 """The classify run: sources -> decode (loader workers) -> model -> writer -> shard commit.
 
 `plan` checks everything that can be wrong with the arguments, cheapest first, and creates nothing
-but the output directory (and that only after the model and device are known to be usable); last, it
-reads what earlier runs of this shard finished there, refusing results of another configuration.
+but the output directory (and that only after every other argument is known to be usable, and never
+left behind when it cannot be written); last, it reads what earlier runs of this shard finished there,
+refusing results of another configuration.
 `execute` then reads this shard's buckets of the sources, skips what has a row already, and streams the
 rest through the stages, committing a chunk every `commit_every` seconds.
 """
@@ -109,13 +110,13 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     device = choose_device(options.device)
     precision = choose_precision(options.precision, device)
     shard = options.shard or env.shard() or Shard(0, 1)
-    commit.check_writable(options.output)
     workers = env.cpus() if options.workers is None else options.workers
     if workers < 0:
         raise ValueError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
     batch_size = options.batch_size or default_batch_size(device)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    commit.check_writable(options.output)
     output = commit.OutputDir(options.output, shard.buckets, identity(spec, options.topk, options.embeddings), env.job_id)
     output.prepare(options.overwrite)
     return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)

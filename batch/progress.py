@@ -1,10 +1,16 @@
-"""Progress: a redrawn bar on a terminal, a plain line every few seconds in a batch log."""
+"""Progress: a redrawn bar on a terminal, a logged line every few seconds in a batch log.
+
+In a batch log the lines go through `logging`, so they carry the time and level like every other line.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 def format_duration(seconds: float) -> str:
@@ -15,6 +21,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
+    """Counts images as batches finish; `stream` is where a terminal gets the bar (it decides which kind)."""
+
     BAR_WIDTH = 24
 
     def __init__(self, total: int, stream: TextIO = sys.stderr, log_interval: float = 5.0):
@@ -55,9 +63,9 @@ class Progress:
             filled = int(self.BAR_WIDTH * self.done / self.total) if self.total else self.BAR_WIDTH
             bar = "#" * filled + "." * (self.BAR_WIDTH - filled)
             self.stream.write(f"\r[{bar}] {self.status()}\033[K")
+            self.stream.flush()
         else:
-            self.stream.write(f"progress: {self.status()}\n")
-        self.stream.flush()
+            log.info("progress: %s", self.status())
 
     def finish(self) -> None:
         if self.interactive:

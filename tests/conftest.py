@@ -46,11 +46,12 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name)
 
 
-def run_batch(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_batch(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300,
+              umask: int = -1) -> subprocess.CompletedProcess:  # fmt: skip
     """Run the real CLI in a fresh process, as a user would."""
     result = subprocess.run(
         [*DROP_ROOT_READ, sys.executable, "-m", "batch", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, umask=umask,
     )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"batch {' '.join(map(str, args))} exited {result.returncode}\n{result.stdout}\n{result.stderr}")

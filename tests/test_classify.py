@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from batch.writer import read_record
 from tests import images
 from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
 from tests.images import small_images
+from tests.test_repository import readme_blocks
+
+TIMED_LINE = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S")
 
 EXPECTED_SCHEMA = pa.schema(
     [("path", pa.string(), False), ("path_bytes", pa.binary()), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
@@ -45,12 +49,22 @@ def duckdb_one(query: str) -> tuple:
         return connection.execute(query).fetchone()
 
 
-def test_default_model_names_the_sample_photos(photos, tmp_path):
-    result = run_batch("classify", photos, "-o", tmp_path / "out")
-    rows = {Path(row["path"]).stem: row for row in read_rows(tmp_path / "out")}
-    assert rows["chelsea"]["label"] in {"Egyptian cat", "tiger cat", "tabby"}
-    assert rows["coffee"]["label"] == "espresso"
-    assert rows["rocket"]["label"] in {"missile", "projectile"}
+def shape(log: str) -> list[str]:
+    """Log lines with every number made N: what a run prints, whatever its times and rates."""
+    return [re.sub(r"\d+(\.\d+)?", "N", line) for line in log.splitlines()]
+
+
+def test_default_model_names_the_sample_photos_as_the_readme_shows(photos, tmp_path):
+    result = run_batch("classify", photos, "-o", tmp_path / "out", "--device", "cpu")
+    example = readme_blocks()[2]
+    shown = example.split("$ batch classify tests/data/photos -o out/samples\n")[1].split("$")[0]
+    assert shape(result.stderr.replace(str(tmp_path / "out"), "out/samples")) == shape(shown)
+    assert part_files(tmp_path / "out") == example.split("$ ls out/samples\n")[1].split()[:1]
+    answers = re.findall(r"^\.\.\./tests/data/photos/(\S+)\s+(.+?)\s+([\d.]+)$", example, re.MULTILINE)
+    rows = {Path(row["path"]).name: row for row in read_rows(tmp_path / "out")}
+    assert len(answers) == len(rows) == 3
+    for name, label, score in answers:
+        assert (rows[name]["label"], round(rows[name]["score"], 2)) == (label, float(score))
     for row in rows.values():
         assert row["error"] is None and row["label"] == row["topk_labels"][0]
         assert row["score"] == row["topk_scores"][0] and row["topk_scores"] == sorted(row["topk_scores"], reverse=True)
@@ -128,14 +142,21 @@ def test_a_stop_signal_exits_75_even_when_the_error_rate_was_breached(signal_nam
         (["{photos}", "--num-shards", "4"], "--num-shards and --shard-index go together"),
         (["{photos}", "--num-shards", "4", "--shard-index", "4"], "shard index 4 is outside 0..3"),
         (["{photos}", "--device", "tpu"], "unknown device 'tpu'"),
+        (["{photos}", "--workers", "-1"], "--workers must be 0"),
+        (["{photos}", "--batch-size", "-1"], "--batch-size must be at least 1"),
+        (["{photos}", "--max-error-rate", "2"], "--max-error-rate is a fraction"),
     ],
 )  # fmt: skip
 def test_bad_arguments_fail_fast_and_create_nothing(photos, tmp_path, arguments, message):
-    output = tmp_path / "out"
-    result = run_batch("classify", *[a.format(photos=photos) for a in arguments], "-o", output, check=False)
+    result = run_batch("classify", *[a.format(photos=photos) for a in arguments], "-o", tmp_path / "new" / "out", check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
-    assert not output.exists()
+    assert list(tmp_path.iterdir()) == [], "exit 2 promises that nothing was created"
+
+
+def contents(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry of a folder with its size and modification time: what a refused run must not change."""
+    return {entry.name: (entry.stat().st_size, entry.stat().st_mtime_ns) for entry in folder.iterdir()}
 
 
 def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
@@ -144,17 +165,24 @@ def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
         assert result.returncode == 0 and len(read_rows(tmp_path / "out")) == 3
     else:
         assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
-        assert not (tmp_path / "out").exists()
+        assert list(tmp_path.iterdir()) == []
 
 
-def test_an_output_that_cannot_be_written_fails_before_the_model_loads(photos, tmp_path):
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads_and_leaves_nothing(photos, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     result = run_batch("classify", photos, "-o", locked / "out", check=False)
     assert result.returncode == 2 and f"cannot write to the output directory {locked / 'out'}" in result.stderr
+    assert list(locked.iterdir()) == []
     (tmp_path / "file").write_text("x")
     result = run_batch("classify", photos, "-o", tmp_path / "file", check=False)
     assert result.returncode == 2 and "exists and is not a directory" in result.stderr
+    assert (tmp_path / "file").read_text() == "x"
+    made = tmp_path / "made"
+    made.mkdir()
+    result = run_batch("classify", photos, "-o", made / "out", check=False, umask=0o222)  # made, but read-only
+    assert result.returncode == 2 and f"cannot write to the output directory {made / 'out'}" in result.stderr
+    assert list(made.iterdir()) == [], "the folder made for a refused output is removed again"
 
 
 def test_shards_from_options_and_from_a_slurm_array_cover_every_input_once(awkward_folder, photos, tmp_path):
@@ -196,10 +224,16 @@ def test_overwrite_in_a_requeued_job_keeps_that_jobs_own_progress(photos, tmp_pa
 def test_a_different_configuration_is_refused_unless_overwrite(photos, tmp_path):
     output = tmp_path / "out"
     run_batch("classify", photos, "-o", output, *FAST)
+    (output / ".part-00000-65536-c000009.parquet.tmp").write_bytes(b"PAR1 what a killed run left")
+    before = contents(output)
     refused = run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", check=False)
     assert refused.returncode == 2 and "topk: 5 there, 3 now" in refused.stderr
+    assert contents(output) == before, "a refused run leaves the output as it found it"
+    (output / ".lock").unlink()  # parts copied here without it
     refused = run_batch("classify", photos, "-o", output, check=False)
     assert refused.returncode == 2 and "model: 'mobilenet_v3_small' there, 'efficientnet_lite0' now" in refused.stderr
+    after = contents(output)
+    assert after.pop(".lock")[0] == 0 and after == {name: stat for name, stat in before.items() if name != ".lock"}
     run_batch("classify", photos, "-o", output, *FAST, "--topk", "3", "--overwrite")
     rows = read_rows(output)
     assert len(rows) == 3 and all(len(row["topk_ids"]) == 3 for row in rows)
@@ -333,6 +367,17 @@ def test_a_stop_signal_commits_and_exits_75_then_the_same_command_finishes(tmp_p
     assert_exactly_once(output, inputs)
 
 
+def test_every_line_of_a_batch_log_starts_with_the_time_progress_too(tmp_path):
+    small_images(tmp_path / "in", 400)
+    started = time.monotonic()
+    process = start_slow_run(tmp_path / "in", tmp_path / "out")  # stderr a pipe, not a terminal
+    _stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert [line for line in stderr.splitlines() if not TIMED_LINE.match(line)] == []
+    if time.monotonic() - started > 5 + 5:  # past start-up (under 5 s) and one interval
+        assert re.search(r"INFO progress: \d+/400 images, [\d.]+ images/s, ETA [\d:]+, 0 errors$", stderr, re.MULTILINE)
+
+
 def test_row_groups_hold_many_rows_not_one_batch(tmp_path):
     small_images(tmp_path / "in", 40)
     run_batch("classify", tmp_path / "in", "-o", tmp_path / "out", *FAST, "--batch-size", "4")
@@ -346,10 +391,12 @@ def test_a_second_process_on_overlapping_buckets_is_refused(photos, tmp_path):
     output.mkdir()
     running = OutputDir(str(output), Shard(1, 2).buckets, identity={})  # what a running task of a 2-task array holds
     running.prepare(overwrite=False)
+    before = contents(output)
     same = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "2", "--shard-index", "1", check=False)
     assert same.returncode == 2 and "another process is writing buckets 32768-65535" in same.stderr
     overlapping = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "3", "--shard-index", "1", check=False)
     assert overlapping.returncode == 2 and "another process is writing buckets 21845-43689" in overlapping.stderr
+    assert contents(output) == before
     beside = run_batch("classify", photos, "-o", output, *FAST, "--num-shards", "4", "--shard-index", "1")
     assert "classified" in beside.stderr
 

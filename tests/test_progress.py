@@ -1,12 +1,16 @@
-"""Progress: a redrawn bar on a terminal, plain lines in a batch log; exact text on a clock the test sets."""
+"""Progress: a redrawn bar on a terminal, timed log lines in a batch log; exact text on a clock the test sets."""
 
 from __future__ import annotations
 
 import io
+import logging
+import re
+import time
 
 import pytest
 
 from batch import progress
+from batch.cli import LOG_DATE_FORMAT, LOG_FORMAT
 from batch.progress import Progress, format_duration
 
 
@@ -30,15 +34,32 @@ def clock(monkeypatch) -> Clock:
     return clock
 
 
-def test_a_batch_log_gets_a_plain_line_each_interval_with_rate_eta_and_errors(clock):
+@pytest.fixture
+def batch_log():
+    """What the `batch` CLI's logging writes to a batch log, captured."""
     log = io.StringIO()
-    bar = Progress(total=10, stream=log, log_interval=5)
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    logger = logging.getLogger("batch.progress")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield log
+    logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+
+
+def test_a_batch_log_gets_a_timed_line_each_interval_with_rate_eta_and_errors(clock, batch_log):
+    not_a_terminal = io.StringIO()
+    bar = Progress(total=10, stream=not_a_terminal)  # the README's "a line every 5 seconds"
     clock.now = 102
     bar.update(4, 1)  # within the interval: no line yet
     clock.now = 105
     bar.update(2, 0)
     bar.finish()
-    assert log.getvalue() == "progress: 6/10 images, 1.2 images/s, ETA 0:03, 1 errors\n"
+    assert not_a_terminal.getvalue() == ""
+    line = batch_log.getvalue()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO progress: 6/10 images, 1.2 images/s, ETA 0:03, 1 errors\n", line)
+    assert line[:8] in {time.strftime("%H:%M:%S", time.localtime(time.time() - s)) for s in (0, 1)}
 
 
 def test_a_terminal_gets_a_bar_redrawn_in_place_and_a_newline_at_the_end(clock):

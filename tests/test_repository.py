@@ -115,3 +115,67 @@ def test_the_readme_documents_each_option_of_classify_and_no_other():
     documented = {option for row in re.findall(r"^\| ([^|]+) \|", section, re.MULTILINE) for option in re.findall(r"--[a-z-]+", row)}
     shown_in_the_usage = {"-o", "--output", "-v", "--verbose", "-h", "--help"}
     assert documented == options_of(main.commands["classify"]) - shown_in_the_usage
+
+
+def readme_prose() -> str:
+    """The README with its line breaks made spaces, so a claim reads the same wherever it wraps."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def sbatch_default(option: str) -> str:
+    (value,) = re.findall(rf"^#SBATCH --{option}=(\S+)$", (ROOT / "slurm" / "classify.sh").read_text(), re.MULTILINE)
+    return value
+
+
+def option_default(name: str) -> object:
+    (param,) = [param for param in main.commands["classify"].params if param.name == name]
+    return param.default
+
+
+def default_preprocessing() -> str:
+    from batch import models
+
+    pre = models.resolve(models.DEFAULT_MODEL, "DEFAULT", None, models.PreprocessOverrides()).preprocess
+    return f"{pre.interpolation} {pre.resize}, crop {pre.crop}, (pixel - {pre.mean[0]:g}) / {pre.std[0]:g}"
+
+
+def claims() -> list[tuple[str, object]]:
+    """Each figure the README states about the code, as a template, and the code's own value for it."""
+    import torch
+
+    from batch import decode, manifest, paths, pipeline, summary, writer
+
+    cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
+    picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
+    python = re.fullmatch(r">=3\.(\d+),<3\.(\d+)", re.search(r'requires-python = "(.+)"', (ROOT / "pyproject.toml").read_text())[1])
+    return [
+        ("Python 3.{} to 3.{} (`requires-python`)", (int(python[1]), int(python[2]) - 1)),
+        ("row groups of up to {:,} rows", writer.ROW_GROUP_ROWS),
+        ("Each hashes to one of {:,} fixed buckets", paths.BUCKETS),
+        ("inputs hash into {:,} fixed buckets", paths.BUCKETS),
+        ("| `--batch-size` | {} on GPU, {} on CPU |", (gpu, cpu)),
+        ("| `--topk` | {} |", option_default("topk")),
+        ("| `--commit-every S` | {:g} |", option_default("commit_every")),
+        ("checked at each commit after {} files", pipeline.MIN_FILES_FOR_EARLY_ERROR_RATE),
+        ("more than {:.0f} Mpx", decode.MAX_PIXELS / 1e6),
+        ("The default model's: {}.", default_preprocessing()),
+        ("a batch of 224x224 pictures is {:.1f} MB on CPU ({} of them) and {:.0f} MB on a GPU ({})",
+         (picture * cpu / 1e6, cpu, picture * gpu / 1e6, gpu)),
+        ("(`IMAGES_PER_TASK` for submit.sh, default {:,})", int(re.search(r"IMAGES_PER_TASK:-(\d+)", (ROOT / "slurm" / "submit.sh").read_text())[1])),
+        ("one GPU, {} CPUs, {} GB, {} hours, requeue, USR1 two minutes before the limit",
+         (sbatch_default("cpus-per-task"), sbatch_default("mem").rstrip("G"), int(sbatch_default("time").split(":")[0]))),
+        ("logging progress every {:g} s", manifest.PROGRESS_SECONDS),
+        ("stats files from {} threads", manifest.NETWORK_THREADS),
+        ("spilling to a temporary folder past {}", summary.MEMORY_LIMIT.replace("GB", " GB")),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("template, value", claims())
+def test_each_figure_the_readme_states_about_the_code_is_the_codes(template, value):
+    claim = template.format(*value) if isinstance(value, tuple) else template.format(value)
+    assert claim in readme_prose()
+
+
+def test_the_slurm_script_asks_for_what_the_readme_says():
+    assert (sbatch_default("gres"), sbatch_default("signal")) == ("gpu:1", "B:USR1@120")
+    assert re.search(r"^#SBATCH --requeue$", (ROOT / "slurm" / "classify.sh").read_text(), re.MULTILINE)
