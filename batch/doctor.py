@@ -38,16 +38,6 @@ def _driver_version() -> str:
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else result.stderr.strip()
 
 
-def _shared_memory() -> str:
-    try:
-        stats = os.statvfs("/dev/shm")
-    except OSError:
-        return "missing: use --workers 0"
-    free = stats.f_bavail * stats.f_frsize / 2**30
-    advice = "" if free >= 1 else " (small: podman run --shm-size=8g, or fewer --workers / a smaller --batch-size)"
-    return f"{free:.1f} GiB free{advice}"
-
-
 def _container(env: JobEnvironment) -> str:
     found = []
     if env.image_version:
@@ -96,7 +86,6 @@ def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
     else:
         lines.append("Slurm: not in a job")
     lines.append(f"container: {_container(env)}")
-    lines.append(f"shared memory (/dev/shm, where decode workers hand over batches): {_shared_memory()}")
     expected = env.gpus_expected() if expect_gpu is None else expect_gpu
     healthy = all(status == "writable" for status in statuses.values())
     if expected and not gpus:

@@ -9,12 +9,15 @@ Here each worker has its own pipe and its own slots of shared memory, and writes
 it is decoding into a shared array before it starts on it. When a worker dies, that file gets an error
 row naming how (`decoder crashed: killed by SIGSEGV ...`), the worker's unfinished batches go to a
 fresh worker without it, and nothing else in the run notices. Pixels never travel through the pipe:
-the worker writes them into its slot and sends the per-file outcomes (errors, sizes) alone.
+the worker writes them into its slot of memory shared with the main process (anonymous, not a file in
+/dev/shm) and sends the per-file outcomes (errors, sizes) alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import multiprocessing
 import signal
 from collections.abc import Iterator
@@ -65,10 +68,11 @@ class DecodePool:
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool):
         self.paths, self.preprocess, self.pin = paths, preprocess, pin
         self.chunks = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
-        crop = preprocess.crop
-        self.slots = torch.empty((workers, SLOTS, batch_size, crop, crop, 3), dtype=torch.uint8)
-        if workers:
-            self.slots.share_memory_()
+        shape = (workers, SLOTS, batch_size, preprocess.crop, preprocess.crop, 3)
+        # Anonymous shared memory, inherited by every worker forked later: no file in /dev/shm, whose
+        # size a container caps at 64 MB and which answers an overfull write with SIGBUS.
+        self.memory = mmap.mmap(-1, max(math.prod(shape), 1))
+        self.slots = torch.frombuffer(self.memory, dtype=torch.uint8, count=math.prod(shape)).view(shape)
         self.current = multiprocessing.get_context("fork").Array("q", [IDLE] * workers, lock=False)
         self.sent = 0  # batches handed to workers so far
         self.deaths_between_files = 0
@@ -164,7 +168,7 @@ class DecodePool:
             self.deaths_between_files += 1
             if self.deaths_between_files >= DEATHS_BETWEEN_FILES:
                 raise RuntimeError(f"decoding workers died {self.deaths_between_files} times between files, last {how}: "
-                                   "check the node's memory and /dev/shm")
+                                   "check the node's memory")
             log.warning("a decoding worker died between files (%s); a new one takes over", how)
         else:
             task.indices.remove(culprit)

@@ -78,7 +78,6 @@ def test_weights_pull_without_network_says_how_to_stage_by_hand():
 def test_doctor_is_healthy_here_and_fails_when_slurm_promised_a_gpu_it_cannot_see():
     report = run_batch("doctor").stdout
     assert f"batch {batch.__version__}" in report and "CPUs usable:" in report and report.rstrip().endswith("ok")
-    assert "shared memory (/dev/shm, where decode workers hand over batches): " in report
     in_job = run_batch("doctor", env={"SLURM_JOB_ID": "12", "SLURM_JOB_GPUS": "0"}, check=False)
     assert "Slurm: job 12" in in_job.stdout
     if torch.cuda.is_available():
