@@ -28,6 +28,15 @@ import pyarrow.parquet as pq
 from batch import paths as stored
 from batch.writer import read_record, remove_if_present
 
+
+@dataclass(frozen=True)
+class Committed:
+    """What earlier runs committed for a shard's inputs: --strict and --max-error-rate count these too,
+    so a requeued or rerun task judges the whole shard, not just its own attempt."""
+
+    rows: int = 0
+    errors: int = 0
+
 log = logging.getLogger(__name__)
 
 PART = re.compile(r"^part-(?P<start>\d{5})-(?P<stop>\d{5})-c(?P<chunk>\d{6,})\.parquet$")
@@ -184,18 +193,21 @@ class OutputDir:
                 "results are never mixed: choose another output or pass --overwrite"
             )
 
-    def unfinished(self, inputs: list[str]) -> list[str]:
-        """The inputs without a row yet, reading the overlapping parts one at a time: memory follows the
-        inputs, not the output, whatever array size wrote the parts."""
+    def unfinished(self, inputs: list[str]) -> tuple[list[str], Committed]:
+        """The inputs without a row yet, and what the rows of the others say, reading the overlapping parts
+        one at a time: memory follows the inputs, not the output, whatever array size wrote the parts."""
         exact = [os.fsencode(path) for path in inputs]
         wanted = pa.array(exact, pa.binary())
-        done = set()
+        failed: dict[bytes, bool] = {}
         for part in list_parts(self.root) if inputs else []:
             if part.meets(self.buckets) and part not in self.replaced:
-                for rows in _path_batches(part.path):
+                for rows in _outcomes(part.path):
                     keys = stored.keys(rows)
-                    done.update(pc.filter(keys, pc.is_in(keys, value_set=wanted)).to_pylist())
-        return [path for path, name in zip(inputs, exact) if name not in done]
+                    ours = pc.is_in(keys, value_set=wanted)
+                    errors = pc.is_valid(rows.column("error"))
+                    failed.update(zip(pc.filter(keys, ours).to_pylist(), pc.filter(errors, ours).to_pylist()))
+        todo = [path for path, name in zip(inputs, exact) if name not in failed]
+        return todo, Committed(rows=len(failed), errors=sum(failed.values()))
 
     def staging_path(self) -> str:
         return os.path.join(self.root, f".{part_name(self.buckets, self.next_chunk)}.tmp")
@@ -230,7 +242,8 @@ def _within(inner: range, outer: range) -> bool:
     return outer.start <= inner.start and inner.stop <= outer.stop
 
 
-def _path_batches(part: str) -> Iterable[pa.RecordBatch]:
+def _outcomes(part: str) -> Iterable[pa.RecordBatch]:
+    """A part's names and errors, a batch at a time."""
     handle = pq.ParquetFile(part)
-    columns = [name for name in ("path", "path_bytes") if name in handle.schema_arrow.names]
+    columns = [name for name in ("path", "path_bytes", "error") if name in handle.schema_arrow.names]
     return handle.iter_batches(batch_size=65_536, columns=columns)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BAD_INPUTS = 3  # finished and committed, but --strict or --max-error-rate was breached
-MIN_FILES_FOR_EARLY_ERROR_RATE = 100
+MIN_ROWS_FOR_EARLY_ERROR_RATE = 100
 EXAMPLE_ERRORS = 5
 
 
@@ -135,7 +135,10 @@ def default_batch_size(device: torch.device) -> int:
 
 @dataclass
 class Tally:
-    processed: int = 0
+    """Errors among this shard's rows: what earlier runs committed, plus this run's."""
+
+    earlier: commit.Committed = commit.Committed()
+    processed: int = 0  # by this run
     errors: int = 0
     examples: list[str] = field(default_factory=list)
 
@@ -148,8 +151,16 @@ class Tally:
         return len(failures)
 
     @property
+    def rows(self) -> int:
+        return self.earlier.rows + self.processed
+
+    @property
+    def failed(self) -> int:
+        return self.earlier.errors + self.errors
+
+    @property
     def rate(self) -> float:
-        return self.errors / self.processed if self.processed else 0.0
+        return self.failed / self.rows if self.rows else 0.0
 
 
 def execute(run: Plan, stop: StopRequest) -> int:
@@ -157,7 +168,7 @@ def execute(run: Plan, stop: StopRequest) -> int:
     started = time.monotonic()
     buckets = run.shard.buckets
     mine = sources.collect(options.sources, buckets)
-    todo = run.output.unfinished(mine)
+    todo, earlier = run.output.unfinished(mine)
     log.info(
         "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
         run.shard.index, run.shard.count, buckets.start, buckets.stop - 1, len(mine), len(mine) - len(todo), len(todo),
@@ -165,7 +176,7 @@ def execute(run: Plan, stop: StopRequest) -> int:
     )  # fmt: skip
     if mine and not todo:
         log.info("nothing to classify: every input of this shard already has a row in %s", options.output)
-    tally = Tally()
+    tally = Tally(earlier)
     if todo and not stop.requested:
         _stream(run, todo, tally, stop)
     if not stop.requested:
@@ -211,7 +222,7 @@ def _commit(chunk: ChunkWriter, output: commit.OutputDir) -> None:
 
 
 def _error_rate_breached(options: ClassifyOptions, tally: Tally, early: bool = False) -> bool:
-    if options.max_error_rate is None or (early and tally.processed < MIN_FILES_FOR_EARLY_ERROR_RATE):
+    if options.max_error_rate is None or (early and tally.rows < MIN_ROWS_FOR_EARLY_ERROR_RATE):
         return False
     return tally.rate > options.max_error_rate
 
@@ -224,15 +235,19 @@ def _finish(run: Plan, tally: Tally, stop: StopRequest, seconds: float) -> int:
         "classified %d images, %d failed, in %s (%.1f images/s); results in %s",
         tally.processed, tally.errors, format_duration(seconds), rate, run.options.output,
     )  # fmt: skip
+    if tally.earlier.rows:
+        log.info("with the %d rows earlier runs committed, this shard has %d rows, %d of them failed",
+                 tally.earlier.rows, tally.rows, tally.failed)  # fmt: skip
     breached = _error_rate_breached(run.options, tally)
     if breached:
-        log.error("error rate %.1f%% is above --max-error-rate %.1f%%", 100 * tally.rate, 100 * run.options.max_error_rate)
+        log.error("error rate %.1f%% of this shard's %d rows is above --max-error-rate %.1f%%",
+                  100 * tally.rate, tally.rows, 100 * run.options.max_error_rate)  # fmt: skip
     if stop.requested:  # before any other status: Slurm requeues on 75 only, and the rest must be done
         log.warning("stopped by %s: progress is committed; run the same command again to go on", stop.signal_name)
         return EXIT_INTERRUPTED
     if breached:
         return EXIT_BAD_INPUTS
-    if run.options.strict and tally.errors:
-        log.error("--strict: %d inputs could not be classified (their rows are written, with the error)", tally.errors)
+    if run.options.strict and tally.failed:
+        log.error("--strict: %d inputs of this shard could not be classified (their rows are written, with the error)", tally.failed)
         return EXIT_BAD_INPUTS
     return EXIT_OK

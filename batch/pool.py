@@ -19,6 +19,7 @@ import logging
 import math
 import mmap
 import multiprocessing
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 2  # batches a worker holds at once: one it decodes, one done and waiting to be taken
 IDLE = -1  # a worker's entry in `current` between files
+WATCHDOG_SECONDS = 1.0  # how often an idle worker checks that the main process still lives
 DEATHS_BETWEEN_FILES = 3  # a worker that keeps dying while on no file is a broken machine, not a bad file
 
 
@@ -204,7 +206,11 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
     """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
     ignore_stop_signals()
     torch.set_num_threads(1)
+    parent = os.getppid()
     while True:
+        while not connection.poll(WATCHDOG_SECONDS):
+            if os.getppid() != parent:
+                return  # the main process was killed; its end of the pipe lives on in our siblings
         try:
             task = connection.recv()
         except EOFError:
@@ -217,7 +223,7 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
             current[number] = index
             item = decode(index, paths[index], preprocess)
             if item.pixels is not None:
-                slots[slot, good] = torch.from_numpy(item.pixels)
+                slots[slot, good].numpy()[...] = item.pixels
                 item.pixels = None
                 good += 1
             items.append(item)

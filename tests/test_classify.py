@@ -122,6 +122,21 @@ def test_strict_and_error_rate_fail_the_run_after_writing(awkward_folder, tmp_pa
     assert run_batch("classify", awkward_folder, "-o", tmp_path / "c", *FAST, "--max-error-rate", "0.5").returncode == 0
 
 
+def test_strict_and_error_rate_count_the_rows_earlier_runs_committed(awkward_folder, tmp_path):
+    """A requeued or rerun task judges its whole shard: errors committed before a stop still count."""
+    output = tmp_path / "out"
+    run_batch("classify", awkward_folder, "-o", output, *FAST)
+
+    strict = run_batch("classify", awkward_folder, "-o", output, *FAST, "--strict", check=False)
+    rate = run_batch("classify", awkward_folder, "-o", output, *FAST, "--max-error-rate", "0.1", check=False)
+
+    failed = sum(row["error"] is not None for row in read_rows(output))
+    assert failed == len(images.BAD) and "nothing to classify" in strict.stderr
+    assert strict.returncode == 3 and f"--strict: {failed} inputs of this shard could not be classified" in strict.stderr
+    assert rate.returncode == 3 and "--max-error-rate" in rate.stderr
+    assert run_batch("classify", awkward_folder / "good", "-o", tmp_path / "good", *FAST, "--strict").returncode == 0
+
+
 @pytest.mark.parametrize("signal_name, status", [(None, 3), ("SIGUSR1", 75), ("SIGTERM", 75)])
 def test_a_stop_signal_exits_75_even_when_the_error_rate_was_breached(signal_name, status):
     """Slurm requeues on 75 only: were 3 to win, the rest of the shard would silently never be done."""

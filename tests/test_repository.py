@@ -156,7 +156,7 @@ def claims() -> list[tuple[str, object]]:
         ("| `--batch-size` | {} on GPU, {} on CPU |", (gpu, cpu)),
         ("| `--topk` | {} |", option_default("topk")),
         ("| `--commit-every S` | {:g} |", option_default("commit_every")),
-        ("checked at each commit after {} files", pipeline.MIN_FILES_FOR_EARLY_ERROR_RATE),
+        ("checked at each commit after {} rows", pipeline.MIN_ROWS_FOR_EARLY_ERROR_RATE),
         ("more than {:.0f} Mpx", decode.MAX_PIXELS / 1e6),
         ("The default model's: {}.", default_preprocessing()),
         ("a batch of 224x224 pictures is {:.1f} MB on CPU ({} of them) and {:.0f} MB on a GPU ({})",
