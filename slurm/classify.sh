@@ -32,12 +32,13 @@
 # what it has and exits 75, and the script requeues the task: the next allocation resumes where it
 # stopped. TERM (scancel; Slurm's own requeue or preemption) is passed on too, so batch commits, but
 # never requeues here. Whenever the signal comes, the task ends with batch's own status.
-# Submitting the same command again resumes too.
+# With --ntasks=N the script runs itself once per task through srun, and each task takes its own
+# shard; srun passes the signals on to them. Submitting the same command again resumes too.
 set -euo pipefail +o posix # not posix mode: there `wait` forgets a status once told (see run_child)
 
 # From the start, so that a signal that comes before batch does is not lost: see run_child below.
 stop="" # USR1 or TERM: the signal that asked us to stop (TERM, once seen, stays)
-child=0 # the pid of batch (or of its runtime)
+child=0 # the pid of batch (or of its runtime, or srun)
 pass_on() { ((child)) && kill -s "$1" "$child" 2>/dev/null || true; }
 # shellcheck disable=SC2329 # called by the traps
 on_signal() {
@@ -125,6 +126,15 @@ esac
 # Our own lines go to stderr (the same log in a job), so a step's stdout is batch's alone.
 echo "$(date -Is) ${SLURM_JOB_ID:+job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} }on $(hostname): ${launcher[*]} ${command[*]}" >&2
 
+# Several tasks in the batch step (sbatch --ntasks=N without srun): run this same script once per task
+# through srun, so each has its own SLURM_PROCID and so its own shard; its text, so that no node needs
+# its path. srun of Slurm 22.05 does not take --cpus-per-task from the job: pass it.
+if ((${SLURM_NTASKS:-1} > 1)) && [[ -z ${SLURM_STEP_ID:-} ]]; then
+    echo "$(date -Is) $SLURM_NTASKS tasks: each runs this script through srun" >&2
+    launcher=(srun ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} bash -c "$(<"$0")" "$0")
+    command=("$input" "$output" "$@")
+fi
+
 # Run in the background so this shell can take USR1/TERM and pass them on. Every interleaving ends with
 # the child's own status: a signal before the start stops before it (75, as batch would), and one that
 # came while the child was being started is passed on at once. A child killed by the signal itself,
@@ -156,8 +166,8 @@ run_child() {
 }
 run_child
 
-# Requeue only on USR1, the time-limit warning.
-if ((status == EXIT_INTERRUPTED)) && [[ -n ${SLURM_JOB_ID:-} ]]; then
+# Requeue only on USR1, the time-limit warning, and only from a job's batch step (not from each task).
+if ((status == EXIT_INTERRUPTED)) && [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} ]]; then
     task=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
     case $stop in
         TERM) echo "$(date -Is) stopped by SIGTERM (scancel, or Slurm requeueing or preempting the job): not requeueing" >&2 ;;

@@ -268,6 +268,34 @@ def test_a_bad_requeue_limit_is_named(tmp_path):
     assert result.returncode == 2 and "BATCH_MAX_REQUEUES must be a whole number, not 'many'" in result.stderr
 
 
+def test_two_tasks_of_one_job_cover_every_input_once(cluster, tmp_path):
+    inputs = small_images(tmp_path / "in", 20)
+    output = tmp_path / "out"
+    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *FAST,
+                 cwd=tmp_path, env=job_env(cluster))  # fmt: skip
+    assert cluster.wait_until_done([job]) == {job: "COMPLETED"}, (tmp_path / "log.out").read_text()
+    assert_every_input_once(output, inputs)
+    log = (tmp_path / "log.out").read_text()
+    assert "2 tasks: each runs this script through srun" in log and "shard 0 of 2" in log and "shard 1 of 2" in log
+
+
+def test_two_tasks_get_usr1_through_srun_and_requeue_up_to_the_limit(cluster, tmp_path):
+    """The second warning finds the task requeued once already (SLURM_RESTART_COUNT=1): it fails instead."""
+    fake_bin, log = fakes(tmp_path / "bin", batch=FAKE_BATCH)
+    env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_SECONDS="300", BATCH_MAX_REQUEUES="1")
+    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path), str(tmp_path / "out"),
+                 cwd=tmp_path, env=env)  # fmt: skip
+    for run in (1, 2):
+        for task in (0, 1):
+            wait_for_line(log, f"started {task}", count=run, limit=300)  # Slurm holds a requeued job a while
+        cluster("scancel", "--signal=USR1", "--batch", job)
+    assert cluster.wait_until_done([job]) == {job: "FAILED"}
+    said = (tmp_path / "log.out").read_text()
+    assert log.read_text().splitlines().count("got USR1") == 4, log.read_text() + said
+    assert said.count(f"requeueing {job} to resume") == 1, said
+    assert "requeued 1 times already (BATCH_MAX_REQUEUES=1): not requeueing" in said
+
+
 def test_scancel_stops_the_task_through_batch_and_does_not_requeue_it(cluster, tmp_path):
     fake_bin, log = fakes(tmp_path / "bin", batch=FAKE_BATCH)
     env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_SECONDS="300")
