@@ -155,8 +155,7 @@ def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image):
 # as batch does (FAKE_CATCH=no: the signal kills it, as before batch installs its handlers); else
 # FAKE_STATUS after FAKE_SECONDS. Its exit ignores signals, so its status is known, and can send the
 # script FAKE_PARTING FAKE_DELAY seconds later: a signal as the child ends.
-FAKE_BATCH = """#!/usr/bin/env bash
-echo "started ${SLURM_PROCID:-0}" >>"$FAKE_LOG"
+FAKE_BATCH = """echo "started ${SLURM_PROCID:-0}" >>"$FAKE_LOG"
 got=""
 if [[ ${FAKE_CATCH:-yes} == yes ]]; then
     trap 'echo "got USR1" >>"$FAKE_LOG"; got=USR1' USR1
@@ -177,7 +176,7 @@ def fakes(folder: Path, **scripts: str) -> tuple[Path, Path]:
     """Executables named by the keywords, in a folder to put first on PATH; and the log they write."""
     folder.mkdir()
     for name, text in scripts.items():
-        (folder / name).write_text(text if text.startswith("#!") else f"#!/usr/bin/env bash\n{text}")
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{text}")
         (folder / name).chmod(0o755)
     return folder, folder / "log"
 
@@ -194,15 +193,14 @@ class Direct:
     """classify.sh run with bash as Slurm would run a batch step (SLURM_* set), over fakes on PATH."""
 
     def __init__(self, tmp_path: Path, **scripts: str) -> None:
-        self.bin, self.log = fakes(tmp_path / "bin", batch=FAKE_BATCH, scontrol=FAKE_SCONTROL, **scripts)
+        folder, self.log = fakes(tmp_path / "bin", batch=FAKE_BATCH, scontrol=FAKE_SCONTROL, **scripts)
         self.log.touch()
         self.arguments = ["bash", CLASSIFY, str(tmp_path), str(tmp_path / "out")]
-        self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}", "BATCH_RUNTIME": "none",
+        self.env = {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}", "BATCH_RUNTIME": "none",
                     "FAKE_LOG": str(self.log), "SLURM_JOB_ID": "4242"}  # fmt: skip
 
     def start(self, **variables: str) -> subprocess.Popen:
         return subprocess.Popen(self.arguments, env={**self.env, **variables}, stderr=subprocess.PIPE, text=True)
-
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
