@@ -25,11 +25,30 @@
 # BATCH_BIND: more paths to bind, comma-separated (the folders a manifest's images live in).
 # BATCH_STEP: classify (default); index, pending and summary are slurm/submit.sh's. The summary step
 #   also names the tasks of array BATCH_ARRAY_JOB that did not complete, and then fails.
+# BATCH_MAX_REQUEUES: how many times a task may requeue itself (default 10; Slurm counts them in
+#   SLURM_RESTART_COUNT); then it says so and fails, and submitting the same command again goes on.
 #
-# Time limits: Slurm sends USR1 two minutes before the limit (and TERM on `scontrol requeue`); this
-# script passes it on, batch commits what it has and exits 75, and the task is requeued: the next
-# allocation resumes where it stopped. Submitting the same command again resumes too.
-set -euo pipefail
+# Signals: Slurm sends USR1 two minutes before the time limit; this script passes it on, batch commits
+# what it has and exits 75, and the script requeues the task: the next allocation resumes where it
+# stopped. TERM (scancel; Slurm's own requeue or preemption) is passed on too, so batch commits, but
+# never requeues here. Whenever the signal comes, the task ends with batch's own status.
+# With --ntasks=N the script runs itself once per task through srun, and each task takes its own
+# shard; srun passes the signals on to them. Submitting the same command again resumes too.
+set -euo pipefail +o posix # not posix mode: there `wait` forgets a status once told (see run_child)
+
+# From the start, so that a signal that comes before batch does is not lost: see run_child below.
+stop="" # USR1 or TERM: the signal that asked us to stop (TERM, once seen, stays)
+child=0 # the pid of batch (or of its runtime, or srun)
+pass_on() { ((child)) && kill -s "$1" "$child" 2>/dev/null || true; }
+# shellcheck disable=SC2329 # called by the traps
+on_signal() {
+    echo "$(date -Is) received SIG$1" >&2
+    [[ $stop == TERM ]] || stop=$1
+    interrupted=1
+    pass_on "$1"
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
 
 usage() {
     echo "usage: sbatch [--array=0-N%M] $0 INPUT OUTPUT [batch classify options...]" >&2
@@ -44,6 +63,8 @@ output=$2
 shift 2
 step=${BATCH_STEP:-classify}
 runtime=${BATCH_RUNTIME:-apptainer}
+max_requeues=${BATCH_MAX_REQUEUES:-10}
+[[ $max_requeues =~ ^[0-9]+$ ]] || { echo "BATCH_MAX_REQUEUES must be a whole number, not '$max_requeues'" >&2 && exit 2; }
 readonly EXIT_INTERRUPTED=75 # batch committed its work and stopped on a signal
 
 # The container sees each path where it is on the host, so paths in the results are host paths.
@@ -105,26 +126,60 @@ esac
 # Our own lines go to stderr (the same log in a job), so a step's stdout is batch's alone.
 echo "$(date -Is) ${SLURM_JOB_ID:+job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} }on $(hostname): ${launcher[*]} ${command[*]}" >&2
 
-# Run in the background so this shell can take USR1/TERM and pass it on. A trapped signal ends `wait`
-# early, so wait again until the classifier has committed and exited (a zombie still answers kill -0,
-# so the last wait always reaps it and gives its own exit status).
-child=0
-# shellcheck disable=SC2329 # called by the traps
-forward() { ((child)) && kill -s "$1" "$child" 2>/dev/null || true; }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-"${launcher[@]}" "${command[@]}" &
-child=$!
-status=0
-while kill -0 "$child" 2>/dev/null; do
-    status=0
-    wait "$child" || status=$?
-done
+# Several tasks in the batch step (sbatch --ntasks=N without srun): run this same script once per task
+# through srun, so each has its own SLURM_PROCID and so its own shard; its text, so that no node needs
+# its path. srun of Slurm 22.05 does not take --cpus-per-task from the job: pass it.
+if ((${SLURM_NTASKS:-1} > 1)) && [[ -z ${SLURM_STEP_ID:-} ]]; then
+    echo "$(date -Is) $SLURM_NTASKS tasks: each runs this script through srun" >&2
+    launcher=(srun ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} bash -c "$(<"$0")" "$0")
+    command=("$input" "$output" "$@")
+fi
 
-if ((status == EXIT_INTERRUPTED)) && [[ -n ${SLURM_JOB_ID:-} ]]; then
+# Run in the background so this shell can take USR1/TERM and pass them on. Every interleaving ends with
+# the child's own status: a signal before the start stops before it (75, as batch would), and one that
+# came while the child was being started is passed on at once. A child killed by the signal itself,
+# before it could catch it, stopped before the end too: 75.
+run_child() {
+    if [[ -n $stop ]]; then
+        echo "$(date -Is) stopped by SIG$stop before batch started" >&2
+        status=$EXIT_INTERRUPTED
+        return
+    fi
+    "${launcher[@]}" "${command[@]}" &
+    child=$!
+    [[ -z $stop ]] || pass_on "$stop"
+    # Poll, not `wait`: a trapped signal that ends `wait` as the child ends can lose its status (waitpid
+    # took it, bash had not stored it yet; `wait` then says 255). A foreground sleep defers the trap;
+    # Slurm may signal the sleep too, which then ends early (quietly).
+    while kill -0 "$child" 2>/dev/null; do { sleep 1 || true; } 2>/dev/null; done
+    # Now bash has reaped it and keeps its status, telling it to every `wait`. A trapped signal still
+    # ends `wait` early (128+signal) and sets `interrupted`: then ask again.
+    interrupted=1
+    while ((interrupted)); do
+        interrupted=0
+        status=0
+        wait "$child" || status=$?
+    done
+    if [[ -n $stop ]] && ((status == 128 + $(kill -l "$stop"))); then
+        status=$EXIT_INTERRUPTED
+    fi
+}
+run_child
+
+# Requeue only on USR1, the time-limit warning, and only from a job's batch step (not from each task).
+if ((status == EXIT_INTERRUPTED)) && [[ -n ${SLURM_JOB_ID:-} && -z ${SLURM_STEP_ID:-} ]]; then
     task=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
-    echo "$(date -Is) stopped before the end; requeueing ${task:-$SLURM_JOB_ID} to resume" >&2
-    scontrol requeue "${task:-$SLURM_JOB_ID}" || echo "requeue refused (already requeued?)" >&2
+    case $stop in
+        TERM) echo "$(date -Is) stopped by SIGTERM (scancel, or Slurm requeueing or preempting the job): not requeueing" >&2 ;;
+        USR1)
+            if ((${SLURM_RESTART_COUNT:-0} >= max_requeues)); then
+                echo "$(date -Is) requeued ${SLURM_RESTART_COUNT:-0} times already (BATCH_MAX_REQUEUES=$max_requeues): not requeueing; resubmit to go on" >&2
+            else
+                echo "$(date -Is) stopped by SIGUSR1 before the time limit; requeueing ${task:-$SLURM_JOB_ID} to resume" >&2
+                scontrol requeue "${task:-$SLURM_JOB_ID}" || echo "requeue refused (already requeued?)" >&2
+            fi
+            ;;
+    esac
 fi
 
 # Array task states: from accounting where the site keeps it, else from the controller's memory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,3 +149,157 @@ def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image):
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
     assert "podman run --rm --userns=keep-id:uid=1000,gid=1000" in logs
     assert_every_input_once(folder / "out", inputs)
+
+
+# A stand-in for batch, for the signal tests: it logs its start and each signal, and exits 75 on one,
+# as batch does (FAKE_CATCH=no: the signal kills it, as before batch installs its handlers); else
+# FAKE_STATUS after FAKE_SECONDS. Its exit ignores signals, so its status is known, and can send the
+# script FAKE_PARTING FAKE_DELAY seconds later: a signal as the child ends.
+FAKE_BATCH = """echo "started ${SLURM_PROCID:-0}" >>"$FAKE_LOG"
+got=""
+if [[ ${FAKE_CATCH:-yes} == yes ]]; then
+    trap 'echo "got USR1" >>"$FAKE_LOG"; got=USR1' USR1
+    trap 'echo "got TERM" >>"$FAKE_LOG"; got=TERM' TERM
+fi
+end=$((SECONDS + ${FAKE_SECONDS:-0}))
+while [[ -z $got ]] && ((SECONDS < end)); do sleep 0.05; done
+[[ -z $got ]] || exit 75
+trap '' USR1 TERM
+[[ -z ${FAKE_PARTING:-} ]] || (sleep "$FAKE_DELAY"; kill -s "$FAKE_PARTING" "$PPID" 2>/dev/null) &
+exit "${FAKE_STATUS:-0}"
+"""
+FAKE_SCONTROL = 'echo "scontrol $*" >>"$FAKE_LOG"\n'
+FAKE_HOSTNAME = 'kill -s USR1 "$PPID"; echo node\n'  # the script asks for it just before starting batch
+
+
+def fakes(folder: Path, **scripts: str) -> tuple[Path, Path]:
+    """Executables named by the keywords, in a folder to put first on PATH; and the log they write."""
+    folder.mkdir()
+    for name, text in scripts.items():
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{text}")
+        (folder / name).chmod(0o755)
+    return folder, folder / "log"
+
+
+def wait_for_line(log: Path, line: str, count: int = 1, limit: float = 120) -> None:
+    """Until the fakes have logged `line` `count` times."""
+    deadline = time.monotonic() + limit
+    while (log.read_text() if log.exists() else "").splitlines().count(line) < count:
+        assert time.monotonic() < deadline, f"no {line!r} in {log.read_text() if log.exists() else 'no log'}"
+        time.sleep(0.02)
+
+
+class Direct:
+    """classify.sh run with bash as Slurm would run a batch step (SLURM_* set), over fakes on PATH."""
+
+    def __init__(self, tmp_path: Path, **scripts: str) -> None:
+        folder, self.log = fakes(tmp_path / "bin", batch=FAKE_BATCH, scontrol=FAKE_SCONTROL, **scripts)
+        self.log.touch()
+        self.arguments = ["bash", CLASSIFY, str(tmp_path), str(tmp_path / "out")]
+        self.env = {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}", "BATCH_RUNTIME": "none",
+                    "FAKE_LOG": str(self.log), "SLURM_JOB_ID": "4242"}  # fmt: skip
+
+    def start(self, **variables: str) -> subprocess.Popen:
+        return subprocess.Popen(self.arguments, env={**self.env, **variables}, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("name, requeued", [("USR1", True), ("TERM", False)])
+def test_a_signal_while_batch_runs_reaches_it_and_only_usr1_requeues(tmp_path, name, requeued):
+    direct = Direct(tmp_path)
+    script = direct.start(FAKE_SECONDS="60")
+    wait_for_line(direct.log, "started 0")
+    script.send_signal(getattr(signal, f"SIG{name}"))
+    status, said = finish(script)
+    assert status == 75 and f"got {name}" in direct.log.read_text().splitlines()
+    assert ("scontrol requeue 4242" in direct.log.read_text()) == requeued, said
+    assert ("requeueing 4242 to resume" in said) == requeued and ("not requeueing" in said) != requeued
+
+
+def test_a_signal_before_batch_starts_stops_without_starting_it(tmp_path):
+    direct = Direct(tmp_path, hostname=FAKE_HOSTNAME)
+    status, said = finish(direct.start(FAKE_SECONDS="60"))
+    assert status == 75 and "stopped by SIGUSR1 before batch started" in said
+    assert direct.log.read_text() == "scontrol requeue 4242\n"
+
+
+def test_batch_killed_by_the_signal_before_it_catches_it_stopped_before_the_end(tmp_path):
+    direct = Direct(tmp_path)
+    script = direct.start(FAKE_SECONDS="60", FAKE_CATCH="no")
+    wait_for_line(direct.log, "started 0")
+    script.send_signal(signal.SIGUSR1)
+    status, said = finish(script)
+    assert status == 75 and "scontrol requeue 4242" in direct.log.read_text(), said
+
+
+@pytest.mark.parametrize("name", ["USR1", "TERM"])
+@pytest.mark.parametrize("exit_status", [0, 3])
+def test_a_signal_as_batch_ends_never_changes_its_status(tmp_path, name, exit_status):
+    """From just before its exit to after the script reaped it; bash ends a `wait` early on a trapped signal."""
+    direct = Direct(tmp_path)
+    delays = [0, 0.001, 0.003, 0.01, 0.1, 0.5, 0.95, 1.0, 1.05, 1.2] * 3  # the script polls each second
+    scripts = [direct.start(FAKE_STATUS=str(exit_status), FAKE_PARTING=name, FAKE_DELAY=str(delay)) for delay in delays]
+    statuses = [finish(script)[0] for script in scripts]
+    assert statuses == [exit_status] * len(delays)
+    assert "scontrol" not in direct.log.read_text()
+
+
+@pytest.mark.parametrize("restarts, limit, requeued", [("10", None, False), ("2", "3", True), ("3", "3", False)])
+def test_a_task_requeues_itself_at_most_batch_max_requeues_times(tmp_path, restarts, limit, requeued):
+    direct = Direct(tmp_path)
+    script = direct.start(FAKE_SECONDS="60", SLURM_RESTART_COUNT=restarts, **({"BATCH_MAX_REQUEUES": limit} if limit else {}))
+    wait_for_line(direct.log, "started 0")
+    script.send_signal(signal.SIGUSR1)
+    status, said = finish(script)
+    assert status == 75 and ("scontrol requeue 4242" in direct.log.read_text()) == requeued, said
+    refusal = f"requeued {restarts} times already (BATCH_MAX_REQUEUES={limit or 10}): not requeueing; resubmit to go on"
+    assert (refusal in said) != requeued
+
+
+def test_a_bad_requeue_limit_is_named(tmp_path):
+    env = {**os.environ, "BATCH_RUNTIME": "none", "BATCH_MAX_REQUEUES": "many"}
+    result = subprocess.run(["bash", CLASSIFY, str(tmp_path), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "BATCH_MAX_REQUEUES must be a whole number, not 'many'" in result.stderr
+
+
+def test_two_tasks_of_one_job_cover_every_input_once(cluster, tmp_path):
+    inputs = small_images(tmp_path / "in", 20)
+    output = tmp_path / "out"
+    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *FAST,
+                 cwd=tmp_path, env=job_env(cluster))  # fmt: skip
+    assert cluster.wait_until_done([job]) == {job: "COMPLETED"}, (tmp_path / "log.out").read_text()
+    assert_every_input_once(output, inputs)
+    log = (tmp_path / "log.out").read_text()
+    assert "2 tasks: each runs this script through srun" in log and "shard 0 of 2" in log and "shard 1 of 2" in log
+
+
+def test_two_tasks_get_usr1_through_srun_and_requeue_up_to_the_limit(cluster, tmp_path):
+    """The second warning finds the task requeued once already (SLURM_RESTART_COUNT=1): it fails instead."""
+    fake_bin, log = fakes(tmp_path / "bin", batch=FAKE_BATCH)
+    env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_SECONDS="300", BATCH_MAX_REQUEUES="1")
+    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path), str(tmp_path / "out"),
+                 cwd=tmp_path, env=env)  # fmt: skip
+    for run in (1, 2):
+        for task in (0, 1):
+            wait_for_line(log, f"started {task}", count=run, limit=300)  # Slurm holds a requeued job a while
+        cluster("scancel", "--signal=USR1", "--batch", job)
+    assert cluster.wait_until_done([job]) == {job: "FAILED"}
+    said = (tmp_path / "log.out").read_text()
+    assert log.read_text().splitlines().count("got USR1") == 4, log.read_text() + said
+    assert said.count(f"requeueing {job} to resume") == 1, said
+    assert "requeued 1 times already (BATCH_MAX_REQUEUES=1): not requeueing" in said
+
+
+def test_scancel_stops_the_task_through_batch_and_does_not_requeue_it(cluster, tmp_path):
+    fake_bin, log = fakes(tmp_path / "bin", batch=FAKE_BATCH)
+    env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_SECONDS="300")
+    job = sbatch(cluster, "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path), str(tmp_path / "out"), cwd=tmp_path, env=env)
+    wait_for_line(log, "started 0")
+    cluster("scancel", job)
+    assert cluster.wait_until_done([job]) == {job: "CANCELLED"}
+    said = (tmp_path / "log.out").read_text()
+    assert "got TERM" in log.read_text() and "not requeueing" in said and "to resume" not in said
