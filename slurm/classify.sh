@@ -116,7 +116,7 @@ case $runtime in
         container_options --volume
         IFS=',' read -r -a cdi <<<"${BATCH_PODMAN_DEVICES-nvidia.com/gpu=all}"
         for device in "${cdi[@]}"; do options+=(--device "$device"); done
-        launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" --shm-size=8g "${options[@]}"
+        launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" "${options[@]}"
             "${BATCH_IMAGE:-classify:latest}")
         ;;
     none) launcher=() ;;

@@ -355,7 +355,7 @@ def test_sigkill_at_any_moment_loses_at_most_the_chunk_in_flight(tmp_path):
     process = start_slow_run(tmp_path / "in", output)
     wait_for_parts(output, 3, process)
     process.kill()
-    process.communicate()
+    process.communicate(timeout=30)  # its decoding workers exit too: none keeps its stderr open
     committed = len(read_rows(output))
     assert 0 < committed < len(inputs), "the kill should land mid-run"
     staging = output / ".part-00000-65536-c999999.parquet.tmp"
