@@ -80,13 +80,15 @@ def main() -> None:
 @click.option("--max-error-rate", type=float, help="Exit 3 once more than this fraction of inputs fail.")
 @click.option("--commit-every", default=60.0, show_default=True, type=click.FloatRange(0),
               help="Seconds between commits: at most this much work is lost to a kill.")
+@click.option("--decode-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a decoding worker may spend on one file before it is killed and the file gets an error row.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
              resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
              std: tuple[float, float, float] | None, topk: int, batch_size: int | None, workers: int | None,
              device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
              overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
-             verbose: bool) -> None:  # fmt: skip
+             decode_timeout: float, verbose: bool) -> None:  # fmt: skip
     """Classify the images in SOURCES (folders, image files, @lists, manifests) into OUTPUT.
 
     \b
@@ -112,6 +114,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
             topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
             shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
             overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
+            decode_timeout=decode_timeout,
         )  # fmt: skip
         run = plan(options, _environment())
     except ValueError as error:

@@ -59,6 +59,7 @@ class ClassifyOptions:
     strict: bool = False
     max_error_rate: float | None = None
     commit_every: float = 60.0
+    decode_timeout: float = 300.0
 
 
 @dataclass
@@ -187,7 +188,8 @@ def execute(run: Plan, stop: StopRequest) -> int:
 def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None:
     options, output = run.options, run.output
     # The workers start now, and decode the first batches while the model loads.
-    batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda")
+    batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda",
+                         timeout=options.decode_timeout)  # fmt: skip
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
     try:

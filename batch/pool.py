@@ -8,7 +8,8 @@ happens to be, and the next run meets the same file and dies the same way: the s
 Here each worker has its own pipe and its own slots of shared memory, and writes the index of the file
 it is decoding into a shared array before it starts on it. When a worker dies, that file gets an error
 row naming how (`decoder crashed: killed by SIGSEGV ...`), the worker's unfinished batches go to a
-fresh worker without it, and nothing else in the run notices. Pixels never travel through the pipe:
+fresh worker without it, and nothing else in the run notices. A worker that spends longer than the
+timeout on one file (a codec in an endless loop) is killed the same way: `decoder hung: ...`. Pixels never travel through the pipe:
 the worker writes them into its slot of memory shared with the main process (anonymous, not a file in
 /dev/shm) and sends the per-file outcomes (errors, sizes) alone.
 """
@@ -21,6 +22,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 2  # batches a worker holds at once: one it decodes, one done and waiting to be taken
 IDLE = -1  # a worker's entry in `current` between files
+HANG_CHECK_SECONDS = 1.0  # how often the main process looks for a worker past --decode-timeout
 WATCHDOG_SECONDS = 1.0  # how often an idle worker checks that the main process still lives
 DEATHS_BETWEEN_FILES = 3  # a worker that keeps dying while on no file is a broken machine, not a bad file
 
@@ -67,8 +70,9 @@ class DecodePool:
     """`workers` decoding processes, started at once so they work while the model loads. With no
     workers, files are decoded in this process when a batch is asked for, without isolation."""
 
-    def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool):
-        self.paths, self.preprocess, self.pin = paths, preprocess, pin
+    def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
+                 timeout: float = 300.0):  # fmt: skip
+        self.paths, self.preprocess, self.pin, self.timeout = paths, preprocess, pin, timeout
         self.chunks = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
         shape = (workers, SLOTS, batch_size, preprocess.crop, preprocess.crop, 3)
         # Anonymous shared memory, inherited by every worker forked later: no file in /dev/shm, whose
@@ -76,6 +80,8 @@ class DecodePool:
         self.memory = mmap.mmap(-1, max(math.prod(shape), 1))
         self.slots = torch.frombuffer(self.memory, dtype=torch.uint8, count=math.prod(shape)).view(shape)
         self.current = multiprocessing.get_context("fork").Array("q", [IDLE] * workers, lock=False)
+        self.since = multiprocessing.get_context("fork").Array("d", workers, lock=False)  # when it began that file
+        self.killed: set[int] = set()  # workers this pool killed for overrunning the timeout
         self.sent = 0  # batches handed to workers so far
         self.deaths_between_files = 0
         self.workers = [self._start(number, []) for number in range(workers)]
@@ -143,11 +149,21 @@ class DecodePool:
                 if task.number == number:
                     del worker.done[slot]
                     return task, items
-            ready = wait([worker.connection, worker.process.sentinel])
+            ready = wait([worker.connection, worker.process.sentinel], timeout=min(self.timeout, HANG_CHECK_SECONDS))
+            if not ready:
+                self._kill_if_hung(place)
+                continue
             if worker.connection in ready and self._receive(worker):
                 continue
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 self._replace(place)
+
+    def _kill_if_hung(self, place: int) -> None:
+        """A codec caught in an endless loop would stall the shard until the time limit, and again after
+        every requeue: past the timeout its worker is killed, and its file gets the error row."""
+        if self.current[place] != IDLE and time.monotonic() - self.since[place] > self.timeout:
+            self.killed.add(place)
+            self.workers[place].process.kill()
 
     def _receive(self, worker: _Worker) -> bool:
         try:
@@ -163,7 +179,9 @@ class DecodePool:
         """Fail the file the dead worker was on, and give its unanswered batches to a fresh worker."""
         dead = self.workers[number]
         dead.process.join()
-        how = _how_it_died(dead.process.exitcode)
+        hung = number in self.killed
+        self.killed.discard(number)
+        how = f"no answer in {self.timeout:g} s, killed" if hung else _how_it_died(dead.process.exitcode)
         culprit = self.current[number]
         task = next((task for task in dead.tasks if culprit in task.indices), None)
         if task is None:
@@ -174,7 +192,7 @@ class DecodePool:
             log.warning("a decoding worker died between files (%s); a new one takes over", how)
         else:
             task.indices.remove(culprit)
-            task.crashed.append(Decoded(culprit, error=f"decoder crashed: {how}"))
+            task.crashed.append(Decoded(culprit, error=f"decoder {'hung' if hung else 'crashed'}: {how}"))
             log.warning("the decoder died on %s (%s); that file gets an error row, a new worker takes over", self.paths[culprit], how)
         dead.connection.close()
         self.current[number] = IDLE
@@ -187,7 +205,7 @@ class DecodePool:
     def _start(self, number: int, tasks: list[_Task]) -> _Worker:
         ours, theirs = multiprocessing.get_context("fork").Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_work, args=(number, theirs, self.slots[number], self.current, self.paths, self.preprocess),
+            target=_work, args=(number, theirs, self.slots[number], self.current, self.since, self.paths, self.preprocess),
             name=f"batch-decode-{number}", daemon=True,
         )  # fmt: skip
         process.start()
@@ -202,7 +220,8 @@ class DecodePool:
             pass  # died already: `_answer` sees the sentinel and resends to its successor
 
 
-def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, paths: list[str], preprocess: Preprocess) -> None:
+def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, since: Any, paths: list[str],
+          preprocess: Preprocess) -> None:  # fmt: skip
     """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
     ignore_stop_signals()
     torch.set_num_threads(1)
@@ -220,6 +239,7 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         slot, indices = task
         items, good = [], 0
         for index in indices:
+            since[number] = time.monotonic()  # before `current`: the main process reads them the other way round
             current[number] = index
             item = decode(index, paths[index], preprocess)
             if item.pixels is not None:

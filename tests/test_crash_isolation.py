@@ -1,4 +1,4 @@
-"""A decoder that dies costs only its file: real crashes, from a Pillow plugin the test registers.
+"""A decoder that dies or hangs costs only its file: real crashes, from a Pillow plugin the test registers.
 
 The plugin claims files that start with a marker and, when Pillow opens one, kills its own process
 the way a native fault in a codec library or the out-of-memory killer would. It is loaded into every
@@ -20,6 +20,7 @@ from tests.conftest import FAST, read_rows, run_batch
 PLUGIN = '''
 import os
 import signal
+import time
 
 from PIL import Image, ImageFile
 
@@ -30,6 +31,8 @@ class CrashingFile(ImageFile.ImageFile):
         how = self.fp.read(32).split(b"\\n")[0].removeprefix(b"CRASH-WITH-").decode()
         if how == "ABORT":
             os.abort()
+        if how == "HANG":
+            time.sleep(3600)
         os.kill(os.getpid(), getattr(signal, how))
 
 Image.register_open("CRASHING", CrashingFile, lambda head: head.startswith(b"CRASH-WITH-"))
@@ -95,3 +98,16 @@ def test_a_rerun_after_crashes_has_nothing_left_to_do(crashing_plugin, tmp_path)
 
     assert "nothing to classify" in again.stderr
     assert ds.dataset(output, format="parquet").count_rows() == 4
+
+
+def test_a_decoder_that_hangs_is_killed_after_the_timeout(crashing_plugin, tmp_path):
+    folder = tmp_path / "in"
+    good = images.small_images(folder, 5)
+    crashing_file(folder / "endless.jpg", "HANG")
+
+    run_batch("classify", folder, "-o", tmp_path / "out", *FAST, "--batch-size", "2", "--workers", "2",
+              "--decode-timeout", "3", env=crashing_plugin, timeout=120)  # fmt: skip
+
+    rows = {Path(row["path"]).name: row for row in read_rows(tmp_path / "out")}
+    assert rows.pop("endless.jpg")["error"] == "decoder hung: no answer in 3 s, killed"
+    assert sorted(rows) == sorted(path.name for path in good) and all(row["label"] for row in rows.values())

@@ -37,6 +37,7 @@ CLASSIFY = [  # arguments beyond the base, and what they change
     (["--strict"], {"strict": True}),
     (["--max-error-rate", "0.25"], {"max_error_rate": 0.25}),
     (["--commit-every", "12.5"], {"commit_every": 12.5}),
+    (["--decode-timeout", "7.5"], {"decode_timeout": 7.5}),
     (["--verbose"], {"verbose": True}),
 ]
 BENCH = [
