@@ -28,15 +28,6 @@ import pyarrow.parquet as pq
 from batch import paths as stored
 from batch.writer import read_record, remove_if_present
 
-
-@dataclass(frozen=True)
-class Committed:
-    """What earlier runs committed for a shard's inputs: --strict and --max-error-rate count these too,
-    so a requeued or rerun task judges the whole shard, not just its own attempt."""
-
-    rows: int = 0
-    errors: int = 0
-
 log = logging.getLogger(__name__)
 
 PART = re.compile(r"^part-(?P<start>\d{5})-(?P<stop>\d{5})-c(?P<chunk>\d{6,})\.parquet$")
@@ -120,6 +111,15 @@ def describe_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> st
     )
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What earlier runs committed for a shard's inputs: --strict and --max-error-rate count these too,
+    so a requeued or rerun task judges the whole shard, not just its own attempt."""
+
+    rows: int = 0
+    errors: int = 0
+
+
 class OutputDir:
     """One task's view of OUT: what its bucket range already holds, and how it adds more."""
 
@@ -198,16 +198,16 @@ class OutputDir:
         one at a time: memory follows the inputs, not the output, whatever array size wrote the parts."""
         exact = [os.fsencode(path) for path in inputs]
         wanted = pa.array(exact, pa.binary())
-        failed: dict[bytes, bool] = {}
+        done: dict[bytes, bool] = {}  # each name with a row: whether that row is an error
         for part in list_parts(self.root) if inputs else []:
             if part.meets(self.buckets) and part not in self.replaced:
                 for rows in _outcomes(part.path):
                     keys = stored.keys(rows)
                     ours = pc.is_in(keys, value_set=wanted)
                     errors = pc.is_valid(rows.column("error"))
-                    failed.update(zip(pc.filter(keys, ours).to_pylist(), pc.filter(errors, ours).to_pylist()))
-        todo = [path for path, name in zip(inputs, exact) if name not in failed]
-        return todo, Committed(rows=len(failed), errors=sum(failed.values()))
+                    done.update(zip(pc.filter(keys, ours).to_pylist(), pc.filter(errors, ours).to_pylist()))
+        todo = [path for path, name in zip(inputs, exact) if name not in done]
+        return todo, Committed(rows=len(done), errors=sum(done.values()))
 
     def staging_path(self) -> str:
         return os.path.join(self.root, f".{part_name(self.buckets, self.next_chunk)}.tmp")

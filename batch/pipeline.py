@@ -1,4 +1,4 @@
-"""The classify run: sources -> decode (loader workers) -> model -> writer -> shard commit.
+"""The classify run: sources -> decode (pool workers) -> model -> writer -> shard commit.
 
 `plan` checks everything that can be wrong with the arguments, cheapest first, and creates nothing
 but the output directory (and that only after every other argument is known to be usable, and never

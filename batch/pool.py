@@ -73,7 +73,7 @@ class DecodePool:
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
                  timeout: float = 300.0):  # fmt: skip
         self.paths, self.preprocess, self.pin, self.timeout = paths, preprocess, pin, timeout
-        self.chunks = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
+        self.batch_size, self.count = batch_size, math.ceil(len(paths) / batch_size)
         shape = (workers, SLOTS, batch_size, preprocess.crop, preprocess.crop, 3)
         # Anonymous shared memory, inherited by every worker forked later: no file in /dev/shm, whose
         # size a container caps at 64 MB and which answers an overfull write with SIGBUS.
@@ -87,17 +87,11 @@ class DecodePool:
         self.workers = [self._start(number, []) for number in range(workers)]
         self._fill()
 
-    def __enter__(self) -> "DecodePool":
-        return self
-
-    def __exit__(self, *_exception: Any) -> None:
-        self.close()
-
     def __iter__(self) -> Iterator[Batch]:
         if not self.workers:
             yield from self._decode_here()
             return
-        for number in range(len(self.chunks)):
+        for number in range(self.count):
             place = number % len(self.workers)
             task, items = self._answer(number, place)
             good = int(sum(item.error is None for item in items))
@@ -107,13 +101,17 @@ class DecodePool:
             yield Batch(sorted(items + task.crashed, key=lambda item: item.index), pixels)
 
     def _decode_here(self) -> Iterator[Batch]:
-        for indices in self.chunks:
-            items = [decode(index, self.paths[index], self.preprocess) for index in indices]
+        for number in range(self.count):
+            items = [decode(index, self.paths[index], self.preprocess) for index in self._indices(number)]
             good = [item.pixels for item in items if item.pixels is not None]
             for item in items:
                 item.pixels = None
             pixels = torch.from_numpy(np.stack(good)) if good else None
             yield Batch(items, pixels.pin_memory() if self.pin and pixels is not None else pixels)
+
+    def _indices(self, number: int) -> list[int]:
+        """Batch `number`'s files, as positions in `paths`."""
+        return list(range(number * self.batch_size, min((number + 1) * self.batch_size, len(self.paths))))
 
     def close(self) -> None:
         for worker in self.workers:
@@ -130,13 +128,13 @@ class DecodePool:
 
     def _fill(self) -> None:
         """Hand out batches in order, batch N to worker N mod W, while that worker has a free slot."""
-        while self.sent < len(self.chunks):
+        while self.sent < self.count:
             worker = self.workers[self.sent % len(self.workers)]
             busy = {task.slot for task in worker.tasks} | set(worker.done)
             free = [slot for slot in range(SLOTS) if slot not in busy]
             if not free:
                 return
-            task = _Task(self.sent, free[0], self.chunks[self.sent])
+            task = _Task(self.sent, free[0], self._indices(self.sent))
             worker.tasks.append(task)
             self._send(worker, task)
             self.sent += 1
