@@ -201,11 +201,11 @@ class _NotAFile(OSError):
 def _open(name: str | bytes) -> BinaryIO:
     """The input's bytes: the one place to teach the report other kinds of input (archive members).
     Opened without blocking, so a FIFO put in a picture's place is refused, not waited on."""
-    handle = open(os.open(name, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-        handle.close()
+    descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
         raise _NotAFile(name)
-    return handle
+    return open(descriptor, "rb")
 
 
 def _errors(query: _Query, errors: int) -> str:
