@@ -25,6 +25,7 @@ from tests.conftest import run_batch
 
 INJECTED = "<script>/& <img src=x onerror=alert(1)>.jpg"  # a folder and a file name: user data, never markup
 TITLE = "Run <b>7</b> & co"
+LATIN_1 = b"caf\xe9.jpg"  # not UTF-8: stored as `caf\xe9.jpg` with the exact name in `path_bytes`
 PAGE_BOUND = 1_000_000
 
 
@@ -117,6 +118,7 @@ def reported(tmp_path_factory) -> Reported:
     (inputs / INJECTED).parent.mkdir()
     shutil.copy(images.PHOTOS / "rocket.jpg", inputs / INJECTED)
     shutil.copy(images.PHOTOS / "coffee.jpg", inputs / "gone.jpg")
+    shutil.copy(images.PHOTOS / "chelsea.jpg", os.path.join(os.fsencode(inputs), LATIN_1))
     shutil.copy(images.PHOTOS / "chelsea.jpg", inputs / "now a folder.jpg")
     run_batch("classify", inputs, "-o", root / "out")
     (inputs / "gone.jpg").unlink()
@@ -144,6 +146,7 @@ def test_the_label_chart_draws_duckdbs_counts(reported):
 
 
 def test_thumbnails_are_small_inline_jpegs_of_the_files(reported):
+    exact = dict(reported.query("SELECT path, coalesce(path_bytes, encode(path)) FROM parts"))
     cards = reported.dom.all(kind="card")
     pictures = [(card.all(kind="path")[0].text, card.all("img")) for card in cards]
     assert 0 < len([found for _, found in pictures if found]) <= 72
@@ -154,7 +157,7 @@ def test_thumbnails_are_small_inline_jpegs_of_the_files(reported):
         assert uri.startswith("data:image/jpeg;base64,")
         encoded = base64.b64decode(uri.split(",", 1)[1])
         assert len(encoded) <= report.THUMBNAIL_BYTES
-        with Image.open(io.BytesIO(encoded)) as thumbnail, Image.open(path) as original:
+        with Image.open(io.BytesIO(encoded)) as thumbnail, open(exact[path], "rb") as file, Image.open(file) as original:
             expected = ImageOps.exif_transpose(original).size
             assert max(thumbnail.size) <= report.THUMBNAIL
             assert thumbnail.size[0] / thumbnail.size[1] == pytest.approx(expected[0] / expected[1], rel=0.05), path
@@ -164,6 +167,11 @@ def test_a_file_gone_or_replaced_since_gets_a_placeholder_saying_why(reported):
     reasons = {card.all(kind="path")[0].text: card.all(kind="placeholder") for card in reported.dom.all(kind="card")}
     assert reasons[str(reported.inputs / "gone.jpg")][0].text == "file gone"
     assert reasons[str(reported.inputs / "now a folder.jpg")][0].text == "not a plain file"
+
+
+def test_a_name_that_is_not_utf8_is_opened_by_its_exact_bytes(reported):
+    (card,) = [card for card in reported.dom.all(kind="card") if card.all(kind="path")[0].text.endswith("caf\\xe9.jpg")]
+    assert card.all("img") and not card.all(kind="placeholder")
 
 
 def test_the_least_confident_are_duckdbs_lowest_scores(reported):
