@@ -165,7 +165,8 @@ def _card(picture: Picture) -> str:
     shown = f"<img src='{uri}' alt=''>" if uri else f"<span class=placeholder>{_text(reason)}</span>"
     score = f" {picture.score:.3f}" if picture.score is not None else ""
     detail = f"<span class=detail>{_text(picture.detail)}</span>" if picture.detail else ""
-    return (f"<figure class=card><div class=picture>{shown}</div><figcaption><span class=label>{_text(picture.label or '')}{score}</span>{detail}"
+    return (f"<figure class=card><div class=picture>{shown}</div><figcaption>"
+            f"<span class=label>{_text(picture.label or '')}{score}</span>{detail}"
             f"<span class=path>{_text(picture.path)}</span></figcaption></figure>")  # fmt: skip
 
 
@@ -184,7 +185,7 @@ def thumbnail(name: str | bytes) -> tuple[str | None, str]:
         return None, "not a plain file"
     except UnidentifiedImageError:
         return None, "no longer an image"
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on bytes changed since
         return None, f"cannot decode: {error}"[:80]
     encoded = io.BytesIO()
     small.save(encoded, "JPEG", quality=QUALITY)

@@ -138,9 +138,10 @@ def bars(section: Element) -> dict[str, int]:
 def test_the_label_chart_draws_duckdbs_counts(reported):
     labels = dict(reported.query("SELECT label, count(*) FROM parts WHERE label IS NOT NULL GROUP BY label"))
     assert 3 <= len(labels) <= report.LABELS_SHOWN  # the real model sees cats, espresso, a rocket...
-    drawn = bars(reported.dom.section("Labels"))
+    chart = reported.dom.section("Labels")
+    drawn = bars(chart)
     assert drawn == labels
-    widths = [float(re.search(r"width:\s*([\d.]+)%", fill.attributes["style"])[1]) for fill in reported.dom.section("Labels").all(kind="fill")]
+    widths = [float(re.search(r"width:\s*([\d.]+)%", fill.attributes["style"])[1]) for fill in chart.all(kind="fill")]
     assert widths == pytest.approx([100 * count / max(labels.values()) for count in drawn.values()], abs=0.1)
     assert sum(bars(reported.dom.section("Confidence")).values()) == sum(labels.values())
 
@@ -175,7 +176,8 @@ def test_a_name_that_is_not_utf8_is_opened_by_its_exact_bytes(reported):
 
 
 def test_the_least_confident_are_duckdbs_lowest_scores(reported):
-    lowest = reported.query(f"SELECT path, score FROM parts WHERE score IS NOT NULL ORDER BY score, path LIMIT {report.LEAST_CONFIDENT}")
+    lowest = reported.query(f"SELECT path, score FROM parts WHERE score IS NOT NULL ORDER BY score, path "
+                            f"LIMIT {report.LEAST_CONFIDENT}")  # fmt: skip
     cards = reported.dom.section(f"The {report.LEAST_CONFIDENT} least confident").all(kind="card")
     assert [card.all(kind="path")[0].text for card in cards] == [path for path, _ in lowest]
     assert [card.all(kind="label")[0].text.rsplit(" ", 1)[1] for card in cards] == [f"{score:.3f}" for _, score in lowest]
