@@ -120,10 +120,12 @@ def reported(tmp_path_factory) -> Reported:
     shutil.copy(images.PHOTOS / "coffee.jpg", inputs / "gone.jpg")
     shutil.copy(images.PHOTOS / "chelsea.jpg", os.path.join(os.fsencode(inputs), LATIN_1))
     shutil.copy(images.PHOTOS / "chelsea.jpg", inputs / "now a folder.jpg")
+    shutil.copy(images.PHOTOS / "rocket.jpg", inputs / "now text.jpg")
     run_batch("classify", inputs, "-o", root / "out")
     (inputs / "gone.jpg").unlink()
     (inputs / "now a folder.jpg").unlink()
     (inputs / "now a folder.jpg").mkdir()
+    (inputs / "now text.jpg").write_text("moved elsewhere")
     page = root / "report.html"
     run_batch("report", root / "out", "-o", page, "--title", TITLE)
     dom = _Tree(browse(page, root / "profile", "--dump-dom")).root
@@ -168,6 +170,7 @@ def test_a_file_gone_or_replaced_since_gets_a_placeholder_saying_why(reported):
     reasons = {card.all(kind="path")[0].text: card.all(kind="placeholder") for card in reported.dom.all(kind="card")}
     assert reasons[str(reported.inputs / "gone.jpg")][0].text == "file gone"
     assert reasons[str(reported.inputs / "now a folder.jpg")][0].text == "not a plain file"
+    assert reasons[str(reported.inputs / "now text.jpg")][0].text == "no longer an image"
 
 
 def test_a_name_that_is_not_utf8_is_opened_by_its_exact_bytes(reported):
