@@ -193,6 +193,24 @@ def summary(output: str, manifest: str | None, top: int) -> None:
     sys.exit(0 if healthy else 1)
 
 
+@main.command()
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--html", "target", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--title", help="The page's heading  [default: 'batch report: OUTPUT']")
+def report(output: str, target: str, title: str | None) -> None:
+    """One self-contained HTML page about OUTPUT: labels as a chart, thumbnails of the frequent ones,
+    the least confident predictions, errors by kind, provenance and throughput.
+
+    Only samples are drawn, so the page stays about a megabyte for any number of rows.
+    """
+    from batch.report import write_report
+
+    try:
+        click.echo(write_report(output, target, title))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
 @main.group()
 def weights() -> None:
     """Stage torchvision weights for compute nodes without network access."""

@@ -163,12 +163,12 @@ def _preprocess(image: Image.Image, preprocess: Preprocess) -> tuple[np.ndarray,
     loaded_size = image.size
     image = ImageOps.exif_transpose(image)
     upright = header_size[::-1] if image.size != loaded_size else header_size  # only a swap changes the size
-    rgb = _to_rgb(image)
+    rgb = to_rgb(image)
     full_size = upright if reduction != 1.0 else rgb.size  # a format may load other than its header says
     return np.asarray(_resize_and_crop(rgb, preprocess, full_size, reduction)), upright
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB for any mode: 16-bit scaled, not clipped; transparency composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)

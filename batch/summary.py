@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import duckdb
@@ -43,7 +44,7 @@ def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[
     lines += _errors(table)
     lines += _labels(table, top)
     lines += _throughput(records)
-    with _duckdb() as connection:
+    with connect() as connection:
         problems = _doubles(connection, files) + _mixed(records)
         if manifest:
             problems += _missing(connection, files, manifest)
@@ -76,25 +77,54 @@ def _counts(column: pa.ChunkedArray) -> dict[str, int]:
 
 
 def _throughput(records: list[dict]) -> list[str]:
-    chunks = [record.get("chunk", {}) for record in records]
-    rows = sum(chunk.get("rows", 0) for chunk in chunks)
-    busy = sum(chunk.get("seconds", 0.0) for chunk in chunks)
-    starts = [datetime.datetime.fromisoformat(chunk["started"]) for chunk in chunks if "started" in chunk]
-    ends = [datetime.datetime.fromisoformat(chunk["committed"]) for chunk in chunks if "committed" in chunk]
+    speed = Throughput.of(records)
     lines = []
-    if busy > 0:
-        lines.append(f"throughput: {rows / busy:.1f} images/s per task (busy time {busy:.0f} s)")
-    if starts and ends:
-        wall = (max(ends) - min(starts)).total_seconds()
-        if wall > 0:
-            lines.append(f"overall: {rows / wall:.1f} images/s from {min(starts).isoformat()} to {max(ends).isoformat()}")
-    devices = Counter(record.get("provenance", {}).get("device_name") for record in records)
-    lines.append("devices: " + ", ".join(f"{name} ({count} parts)" for name, count in devices.most_common()))
+    if speed.per_task:
+        lines.append(f"throughput: {speed.per_task:.1f} images/s per task (busy time {speed.busy:.0f} s)")
+    if speed.overall:
+        lines.append(f"overall: {speed.overall:.1f} images/s from {speed.started.isoformat()} to {speed.committed.isoformat()}")
+    lines.append("devices: " + ", ".join(f"{name} ({count} parts)" for name, count in speed.devices.most_common()))
     return lines
 
 
+@dataclass
+class Throughput:
+    """What the parts' metadata says of a run's speed: each chunk's rows and busy seconds, and the span
+    from the first chunk's start to the last commit (`batch summary` prints it, `batch report` draws it)."""
+
+    rows: int
+    busy: float
+    started: datetime.datetime | None
+    committed: datetime.datetime | None
+    devices: Counter[str | None]
+
+    @classmethod
+    def of(cls, records: list[dict]) -> Throughput:
+        chunks = [record.get("chunk", {}) for record in records]
+        starts = [datetime.datetime.fromisoformat(chunk["started"]) for chunk in chunks if "started" in chunk]
+        ends = [datetime.datetime.fromisoformat(chunk["committed"]) for chunk in chunks if "committed" in chunk]
+        return cls(rows=sum(chunk.get("rows", 0) for chunk in chunks), busy=sum(chunk.get("seconds", 0.0) for chunk in chunks),
+                   started=min(starts, default=None), committed=max(ends, default=None),
+                   devices=Counter(record.get("provenance", {}).get("device_name") for record in records))  # fmt: skip
+
+    @property
+    def per_task(self) -> float | None:
+        """Images/s of one task while it ran: rows over the chunks' summed busy time."""
+        return self.rows / self.busy if self.busy > 0 else None
+
+    @property
+    def wall(self) -> float:
+        return (self.committed - self.started).total_seconds() if self.started and self.committed else 0.0
+
+    @property
+    def overall(self) -> float | None:
+        """Images/s of the whole output, from the first chunk's start to the last commit."""
+        return self.rows / self.wall if self.wall > 0 else None
+
+
 @contextmanager
-def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
+def connect() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection that spills past MEMORY_LIMIT into a temporary folder, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="batch-summary-") as spill:
         connection = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
                                             "preserve_insertion_order": False})  # fmt: skip
@@ -154,6 +184,6 @@ def pending(manifest: str, output: str, to_do: str) -> int:
     parts = [part.path for part in list_parts(output)] if os.path.isdir(output) else []
     if not parts:
         return manifests.copy_rows(manifest, None, to_do)
-    with _duckdb() as connection:
+    with connect() as connection:
         rows = _without_match(connection, "file_row_number", [manifest], parts).fetchnumpy()["file_row_number"]
     return manifests.copy_rows(manifest, np.sort(np.asarray(rows, np.int64)), to_do)

@@ -39,9 +39,9 @@ WRITE_ROWS = 10_000
 TOPK = 5  # classify's default, so a rerun finds the same configuration
 
 
-def made_up_paths(count: int) -> list[str]:
+def made_up_paths(count: int, first: int = 0) -> list[str]:
     """Paths shaped like a camera archive: 1000 folders, numbered files."""
-    return [f"/archive/site-{number % 1000:03d}/{number:010d}.jpg" for number in range(count)]
+    return [f"/archive/site-{number % 1000:03d}/{number:010d}.jpg" for number in range(first, first + count)]
 
 
 def write_manifest(paths: Sequence[str], target: Path) -> Path:

@@ -92,7 +92,7 @@ def test_doctor_names_a_cache_it_cannot_write(tmp_path):
     assert result.returncode == 1 and "NOT WRITABLE" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["classify"], ["index"], ["summary"], ["weights"], ["weights", "pull"],
+@pytest.mark.parametrize("command", [[], ["classify"], ["index"], ["summary"], ["report"], ["weights"], ["weights", "pull"],
                                      ["weights", "list"], ["doctor"]])  # fmt: skip
 def test_every_command_has_help(command):
     assert "Usage: " in run_batch(*command, "--help").stdout

@@ -143,7 +143,7 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import decode, manifest, paths, pipeline, summary, writer
+    from batch import decode, manifest, paths, pipeline, report, summary, writer
 
     cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
@@ -167,6 +167,11 @@ def claims() -> list[tuple[str, object]]:
         ("logging progress every {:g} s", manifest.PROGRESS_SECONDS),
         ("stats files from {} threads", manifest.NETWORK_THREADS),
         ("spilling to a temporary folder past {}", summary.MEMORY_LIMIT.replace("GB", " GB")),
+        ("the top {} labels as bars", report.LABELS_SHOWN),
+        ("{} thumbnails of each of the {} most frequent labels", (report.PER_LABEL, report.GRID_LABELS)),
+        ("the {} least confident predictions", report.LEAST_CONFIDENT),
+        ("at most {} thumbnails, {} px on the longer side and under {:.0f} KB each",
+         (report.GRID_LABELS * report.PER_LABEL + report.LEAST_CONFIDENT, report.THUMBNAIL, report.THUMBNAIL_BYTES / 1000)),
     ]  # fmt: skip
 
 
