@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,9 +45,9 @@ def webdataset_key(member: str) -> str:
 def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
     """The image members of a plain tar, from its headers alone; `KEY.json`'s `url` is carried to KEY's image.
 
-    A member whose data runs past the end of the file (a tar cut short) is still an input: its row says
-    `truncated`. Where a header is broken, the members after it cannot be found: the tar gets one row of
-    its own, `CONTAINER/`, saying where it broke."""
+    A tar that ends early or breaks midway keeps every member before the break as an input (a member
+    whose data the end cuts gets the row `truncated: ...`), and gets one row of its own, `CONTAINER/`,
+    saying where it broke: the members after that cannot be found, so that row is what tells of them."""
     images: list[tuple[str, tarfile.TarInfo]] = []
     urls: dict[str, str] = {}
     broken = None
@@ -64,7 +64,10 @@ def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
                     url = _url(tar, info)
                     if url:
                         urls[webdataset_key(info.name)] = url
-            broken = _broken_header(tar, size)
+            broken = _where_it_broke(tar.fileobj, tar.offset, size)
+    except tarfile.ReadError as error:
+        cut = "unexpected end of data" in str(error)
+        broken = _truncated(size) if cut else f"broken tar: {error}"
     except (tarfile.TarError, OSError) as error:
         broken = f"broken tar: {error}"
     for key, info in images:
@@ -82,13 +85,19 @@ def _url(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def _broken_header(tar: tarfile.TarFile, size: int) -> str | None:
-    """Why the listing stopped short, when it did: the end of a tar is zeros up to the end of the file."""
-    tar.fileobj.seek(tar.offset)
-    rest = tar.fileobj.read(BLOCK)
-    if rest.strip(b"\0"):
-        return f"broken tar: no valid header at byte {tar.offset} of {size}; the members after it cannot be read"
-    return None
+def _where_it_broke(handle: BinaryIO, offset: int, size: int) -> str | None:
+    """Why tarfile stopped listing at `offset`, if not at the end: a whole tar ends in zero blocks."""
+    handle.seek(offset)
+    rest = handle.read(BLOCK)
+    if not rest.strip(b"\0"):
+        return None
+    if len(rest) < BLOCK:
+        return _truncated(size)
+    return f"broken tar: no valid header at byte {offset} of {size}; the members after it cannot be read"
+
+
+def _truncated(size: int) -> str:
+    return f"truncated tar: the file ends at byte {size}, before the tar does; members after that are lost"
 
 
 def image_column(schema: pa.Schema) -> str | None:
