@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.manifest import Found
+from batch.paths import readable
 
 TAR_EXTENSION = ".tar"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "bytes")  # img2dataset writes `jpg`
@@ -59,11 +60,11 @@ def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
                 if not info.isfile():
                     continue
                 if is_image(info.name):
-                    images.append((webdataset_key(info.name), info))
+                    images.append((readable(webdataset_key(info.name)), info))
                 elif info.name.lower().endswith(".json") and info.size < 1 << 20:
                     url = _url(tar, info)
                     if url:
-                        urls[webdataset_key(info.name)] = url
+                        urls[readable(webdataset_key(info.name))] = url
             broken = _where_it_broke(tar.fileobj, tar.offset, size)
     except tarfile.ReadError as error:
         cut = "unexpected end of data" in str(error)
