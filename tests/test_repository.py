@@ -143,7 +143,7 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import decode, manifest, paths, pipeline, summary, writer
+    from batch import containers, decode, manifest, paths, pipeline, summary, writer
 
     cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
@@ -167,6 +167,8 @@ def claims() -> list[tuple[str, object]]:
         ("logging progress every {:g} s", manifest.PROGRESS_SECONDS),
         ("stats files from {} threads", manifest.NETWORK_THREADS),
         ("spilling to a temporary folder past {}", summary.MEMORY_LIMIT.replace("GB", " GB")),
+        ("with a binary column named {} (the first of these it has)",
+         ", ".join(f"`{name}`" for name in containers.IMAGE_COLUMNS[:-1]) + f" or `{containers.IMAGE_COLUMNS[-1]}`"),
     ]  # fmt: skip
 
 
