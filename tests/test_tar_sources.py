@@ -181,3 +181,19 @@ def test_a_parquet_file_without_paths_or_images_is_refused_before_anything_is_ma
     assert result.returncode == 2
     assert f"{table} is neither a manifest (a 'path' column) nor a Parquet file of images" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_member_that_crashes_its_decoder_costs_one_row(crashing_plugin, tmp_path):
+    """conftest.py's crashing codec, met inside a tar and a Parquet file."""
+    crash = b"CRASH-WITH-SIGSEGV\n" + bytes(1000)
+    shard = write_tar(tmp_path / "shard.tar", [*small_samples(3), Sample("0000050", crash)])
+    table = write_parquet(tmp_path / "part.parquet", [*small_samples(3, first=10), Sample("0000060", crash)], row_group_rows=2)
+    output = tmp_path / "out"
+    run_batch("classify", shard, table, "-o", output, *FAST, "--workers", "1", "--batch-size", "2", env=crashing_plugin)
+
+    errors = {row["key"]: row["error"] for row in by_path(output).values()}
+    assert len(errors) == 8
+    assert errors.pop("0000050") == errors.pop("0000060") == "decoder crashed: killed by SIGSEGV (Segmentation fault)"
+    assert set(errors.values()) == {None}
+    again = run_batch("classify", shard, table, "-o", output, *FAST, "--workers", "1", env=crashing_plugin)
+    assert "nothing to classify" in again.stderr
