@@ -6,8 +6,8 @@ inside a container is one input, named `CONTAINER/MEMBER` (`/data/shard-000017.t
 name is unambiguous, and it hashes into a bucket like any file's name, so one big container's images
 spread over every shard. Nothing is ever unpacked to disk.
 
-Listing a tar reads its 512-byte headers and seeks over the data; a member's bytes are one contiguous
-range of the file, read with one `os.pread`. A Parquet file is read by row group: the worker keeps the
+Listing a tar reads its 512-byte headers (and the small `KEY.json` members, for their url) and seeks
+over the images; an image's bytes are one contiguous range of the file, read with one `os.pread`. A Parquet file is read by row group: the worker keeps the
 image column of one row group (its last) in memory, never the whole file.
 """
 

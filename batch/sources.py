@@ -84,13 +84,18 @@ def gather(sources: Iterable[str], buckets: range = range(BUCKETS)) -> Inputs:
     paths: set[str] = set()
     members: dict[str, manifest.Found] = {}
     for source in sources:
-        found = manifest.found_in(manifest.read(source, buckets)) if is_manifest(source) and _has_path_column(source) else (
-            item for item in _expand(source, facts=False) if bucket_of(item.path) in buckets)  # fmt: skip
-        for item in found:
+        for item in _in_buckets(source, buckets):
             paths.add(item.path)
             if item.container is not None:
                 members[item.path] = item
     return Inputs(sorted(paths), members)
+
+
+def _in_buckets(source: str, buckets: range) -> Iterator[manifest.Found]:
+    if is_manifest(source) and _has_path_column(source):
+        yield from manifest.found_in(manifest.read(source, buckets))
+    else:
+        yield from (item for item in _expand(source, facts=False) if bucket_of(item.path) in buckets)
 
 
 def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str]:
