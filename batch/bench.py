@@ -96,10 +96,12 @@ def _generate_image(path: Path, number: int, widths: tuple[int, int], scene: Sce
 
 def collect_inputs(given: Sequence[str]) -> list[str]:
     sources.check_sources(given)
-    paths = sources.collect(given)
-    if not paths:
+    found = sources.gather(given)
+    if not found.paths:
         raise ValueError(f"no images found in {', '.join(given)}")
-    return paths
+    if found.members:  # its stages time files; `benchmarks/tar_vs_files.py` times containers end to end
+        raise ValueError(f"batch bench times image files, not the images inside tars or Parquet files, such as {next(iter(found.members))}")
+    return found.paths
 
 
 def resolve_inputs(given: Sequence[str], generate: int, widths: tuple[int, int], folder: Path) -> tuple[list[str], str]:

@@ -1,4 +1,4 @@
-"""Decode and preprocess: one file in, either a uint8 crop ready for the model or a clear error.
+"""Decode and preprocess: one file (or one image packed in a tar or Parquet file) in, either a uint8 crop ready for the model or a clear error.
 
 Runs in the loader's worker processes. It never raises for a bad file: a truncated JPEG, an HTML page
 named .jpg or a decompression bomb each come back as an error message, and the run goes on.
@@ -8,6 +8,7 @@ Pixels stay uint8 (HWC, which is channels_last for the model); normalisation hap
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import warnings
@@ -16,6 +17,9 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from batch.containers import MemberError, Reader
+from batch.manifest import Found
 
 MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit: about 179 Mpx, a 16000x11000 picture
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -66,9 +70,13 @@ class Decoded:
     error: str | None = None
 
 
-def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
+_members = Reader()  # this process's open container, kept from one member to the next
+
+
+def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None) -> Decoded:
+    """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes."""
     try:
-        handle = _open_regular_file(path)
+        handle = _open_regular_file(path) if member is None else io.BytesIO(_read_member(member))
     except _Unreadable as problem:
         return Decoded(index, error=str(problem))
     try:
@@ -80,7 +88,7 @@ def decode(index: int, path: str, preprocess: Preprocess) -> Decoded:
     except Image.DecompressionBombError:
         return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
     except UnidentifiedImageError:
-        return Decoded(index, error=_not_an_image(path))
+        return Decoded(index, error=_not_an_image(_head(path, member)))
     except OSError as error:
         message = str(error)
         if "truncated" in message or "broken data stream" in message:
@@ -118,15 +126,30 @@ def _open_regular_file(path: str) -> BinaryIO:
     return os.fdopen(descriptor, "rb")
 
 
+def _read_member(member: Found) -> bytes:
+    try:
+        data = _members.read(member)
+    except MemberError as problem:
+        raise _Unreadable(str(problem)) from None
+    if not data:
+        raise _Unreadable("empty file: 0 bytes")
+    return data
+
+
 def _os_error(error: OSError) -> str:
     if error.errno in (errno.EACCES, errno.EPERM):
         return "permission denied: the file cannot be read"
     return f"read error: {error.strerror or error}"
 
 
-def _not_an_image(path: str) -> str:
+def _head(path: str, member: Found | None) -> bytes:
+    if member is not None:
+        return _members.read(member)[:512]
     with open(path, "rb") as handle:
-        head = handle.read(512)
+        return handle.read(512)
+
+
+def _not_an_image(head: bytes) -> str:
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
         return "not an image: the file is HTML or XML (a saved error page?)"

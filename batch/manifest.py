@@ -42,6 +42,11 @@ SCHEMA = pa.schema(
         ("bucket", pa.uint16()),
         ("size", pa.int64()),
         ("mtime", pa.timestamp("ns", tz="UTC")),
+        ("member", pa.binary()),  # inside a tar or Parquet file: the name after `CONTAINER/`; null for files
+        ("offset", pa.int64()),  # where the member is: its data's byte offset in a tar, its row in a Parquet file
+        ("key", pa.string()),  # WebDataset / img2dataset key
+        ("url", pa.string()),
+        ("error", pa.string()),  # why a container could not be read whole, on its own `CONTAINER/` row
     ],
     metadata={LAYOUT_KEY: json.dumps(LAYOUT, sort_keys=True).encode()},
 )
@@ -62,6 +67,16 @@ class Found:
     path: str
     size: int | None  # None: not a regular file (dangling symlink, FIFO...), which still gets a row
     mtime_ns: int | None
+    container: str | None = None  # the tar or Parquet file holding this input (`containers.py`)
+    offset: int | None = None
+    key: str | None = None
+    url: str | None = None
+    error: str | None = None
+
+    @property
+    def member(self) -> bytes | None:
+        """The exact name of the input inside its container."""
+        return None if self.container is None else os.fsencode(self.path)[len(os.fsencode(self.container)) + 1 :]
 
 
 @dataclass
@@ -185,27 +200,25 @@ class Counter:
 def table_of(found: Iterable[Found]) -> pa.Table:
     """The manifest's rows, in the order tasks read them: by bucket, then by path."""
     names: list[str] = []
-    sizes: list[int | None] = []
-    mtimes: list[int | None] = []
-    for item in found:  # three flat lists: ten million small objects would need gigabytes
+    facts: dict[str, list] = {name: [] for name in ("size", "mtime", "member", "offset", "key", "url", "error")}
+    for item in found:  # flat lists: ten million small objects would need gigabytes
         names.append(item.path)
-        sizes.append(item.size)
-        mtimes.append(item.mtime_ns)
+        for name, value in zip(facts, (item.size, item.mtime_ns, item.member, item.offset, item.key, item.url, item.error)):
+            facts[name].append(value)
     table = pa.table(
         {
             **stored.path_columns(names),
             "bucket": pa.array([bucket_of(name) for name in names], pa.uint16()),
-            "size": pa.array(sizes, pa.int64()),
-            "mtime": pa.array(mtimes, pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+            **{name: pa.array(values, SCHEMA.field(name).type) for name, values in facts.items() if name != "mtime"},
+            "mtime": pa.array(facts["mtime"], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
         },
-        schema=SCHEMA,
-    )
-    keyed = table.append_column("key", stored.keys(table)).sort_by([("bucket", "ascending"), ("key", "ascending")])
-    key = keyed.column("key")
+    ).select(SCHEMA.names).cast(SCHEMA)
+    keyed = table.append_column("exact", stored.keys(table)).sort_by([("bucket", "ascending"), ("exact", "ascending")])
+    key = keyed.column("exact")
     if keyed.num_rows > 1:  # one file named by two sources keeps one row
         differs = pc.not_equal(key.slice(1), key.slice(0, keyed.num_rows - 1)).combine_chunks()
         keyed = keyed.filter(pa.concat_arrays([pa.array([True]), differs]))
-    return keyed.drop_columns(["key"])
+    return keyed.drop_columns(["exact"])
 
 
 @contextmanager
@@ -230,7 +243,8 @@ def copy_rows(manifest: str, rows: np.ndarray | None, output: str) -> int:
     at a time, so memory is that of a row group; how many."""
     source = pq.ParquetFile(manifest)
     copied, first = 0, 0
-    with _atomically(output) as staging, pq.ParquetWriter(staging, SCHEMA, compression="zstd") as writer:
+    schema = source.schema_arrow  # as it was written: a manifest of an earlier version lacks the member columns
+    with _atomically(output) as staging, pq.ParquetWriter(staging, schema, compression="zstd") as writer:
         for group in range(source.num_row_groups):
             size = source.metadata.row_group(group).num_rows
             low, high = (0, size) if rows is None else np.searchsorted(rows, [first, first + size])
@@ -240,7 +254,7 @@ def copy_rows(manifest: str, rows: np.ndarray | None, output: str) -> int:
                 copied += int(high - low)
             first += size
         if not copied:
-            writer.write_table(SCHEMA.empty_table())
+            writer.write_table(schema.empty_table())
     return copied
 
 
@@ -260,13 +274,18 @@ def _open(manifest: str) -> pq.ParquetFile:
         raise ManifestError(f"{manifest} is not a readable Parquet manifest: {error}") from None
 
 
+READ_COLUMNS = ("path", "path_bytes", "member", "offset", "size", "key", "url", "error")
+
+
 def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
-    """The manifest's rows in `buckets` (path and path_bytes), reading only the row groups that hold them."""
+    """The manifest's rows in `buckets` (path and path_bytes, and where a member lies in its container),
+    reading only the row groups that hold them."""
     handle = _open(manifest)
     schema = handle.schema_arrow
     if "path" not in schema.names:
         raise ManifestError(f"{manifest} has no 'path' column; write manifests with `batch index`")
-    columns = [name for name in ("path", "path_bytes") if name in schema.names]
+    members = "member" in schema.names  # written by `batch index` since it reads containers
+    columns = [name for name in (READ_COLUMNS if members else ("path", "path_bytes")) if name in schema.names]
     everything = buckets == range(BUCKETS)
     if everything or not is_laid_out(schema):
         if not everything:
@@ -280,7 +299,22 @@ def read(manifest: str, buckets: range = range(BUCKETS)) -> pa.Table:
     table = handle.read_row_groups(groups, columns=[*columns, "bucket"]) if groups else SCHEMA.empty_table()
     bucket = table.column("bucket")
     inside = pc.and_(pc.greater_equal(bucket, buckets.start), pc.less(bucket, buckets.stop))
-    return table.filter(inside).select(["path", "path_bytes"])
+    return table.filter(inside).select(columns)
+
+
+def found_in(table: pa.Table) -> Iterator[Found]:
+    """The inputs of rows `read` returned, with their place in a container where they have one."""
+    paths = stored.from_columns(table)
+    if "member" not in table.schema.names:
+        yield from (Found(path, None, None) for path in paths)
+        return
+    facts = zip(*(table.column(name).to_pylist() for name in ("member", "offset", "size", "key", "url", "error")))
+    for path, (member, offset, size, key, url, error) in zip(paths, facts):
+        if member is None:
+            yield Found(path, None, None)
+        else:
+            container = os.fsdecode(os.fsencode(path)[: -len(member) - 1])
+            yield Found(path, size, None, container, offset, key, url, error)
 
 
 def check_laid_out(manifest: str) -> None:

@@ -25,6 +25,7 @@ from batch import commit, models, sources
 from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
 from batch.inference import Classifier, choose_device, choose_precision, device_name
+from batch.manifest import Found
 from batch.paths import BUCKETS
 from batch.pool import DecodePool
 from batch.progress import Progress, format_duration
@@ -168,7 +169,8 @@ def execute(run: Plan, stop: StopRequest) -> int:
     options = run.options
     started = time.monotonic()
     buckets = run.shard.buckets
-    mine = sources.collect(options.sources, buckets)
+    inputs = sources.gather(options.sources, buckets)
+    mine = inputs.paths
     todo, earlier = run.output.unfinished(mine)
     log.info(
         "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
@@ -179,17 +181,17 @@ def execute(run: Plan, stop: StopRequest) -> int:
         log.info("nothing to classify: every input of this shard already has a row in %s", options.output)
     tally = Tally(earlier)
     if todo and not stop.requested:
-        _stream(run, todo, tally, stop)
+        _stream(run, todo, inputs.members, tally, stop)
     if not stop.requested:
         run.output.drop_replaced()  # --overwrite over a shard that had nothing left to write
     return _finish(run, tally, stop, time.monotonic() - started)
 
 
-def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None:
+def _stream(run: Plan, todo: list[str], members: dict[str, Found], tally: Tally, stop: StopRequest) -> None:
     options, output = run.options, run.output
     # The workers start now, and decode the first batches while the model loads.
     batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda",
-                         timeout=options.decode_timeout)  # fmt: skip
+                         timeout=options.decode_timeout, members=members)  # fmt: skip
     progress = Progress(len(todo))
     chunk: ChunkWriter | None = None
     try:
@@ -200,7 +202,7 @@ def _stream(run: Plan, todo: list[str], tally: Tally, stop: StopRequest) -> None
             answers = classifier.predict(item.pixels) if item.pixels is not None else None
             paths = [todo[decoded.index] for decoded in item.items]
             chunk = chunk or ChunkWriter(output.staging_path(), rows.schema, metadata)
-            chunk.add(rows.build(paths, item.items, answers))
+            chunk.add(rows.build(paths, item.items, answers, members))
             progress.update(len(paths), tally.add(paths, item.items))
             if stop.requested or chunk.age >= options.commit_every:
                 _commit(chunk, output)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from batch.decode import Decoded, Preprocess, decode
+from batch.manifest import Found
 from batch.stopping import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class DecodePool:
     workers, files are decoded in this process when a batch is asked for, without isolation."""
 
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
-                 timeout: float = 300.0):  # fmt: skip
+                 timeout: float = 300.0, members: dict[str, Found] | None = None):  # fmt: skip
         self.paths, self.preprocess, self.pin, self.timeout = paths, preprocess, pin, timeout
+        self.members = members or {}  # where the packed inputs lie; the workers inherit it
         self.batch_size, self.count = batch_size, math.ceil(len(paths) / batch_size)
         shape = (workers, SLOTS, batch_size, preprocess.crop, preprocess.crop, 3)
         # Anonymous shared memory, inherited by every worker forked later: no file in /dev/shm, whose
@@ -102,7 +104,7 @@ class DecodePool:
 
     def _decode_here(self) -> Iterator[Batch]:
         for number in range(self.count):
-            items = [decode(index, self.paths[index], self.preprocess) for index in self._indices(number)]
+            items = [_decode(index, self.paths, self.members, self.preprocess) for index in self._indices(number)]
             good = [item.pixels for item in items if item.pixels is not None]
             for item in items:
                 item.pixels = None
@@ -203,7 +205,8 @@ class DecodePool:
     def _start(self, number: int, tasks: list[_Task]) -> _Worker:
         ours, theirs = multiprocessing.get_context("fork").Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_work, args=(number, theirs, self.slots[number], self.current, self.since, self.paths, self.preprocess),
+            target=_work, args=(number, theirs, self.slots[number], self.current, self.since, self.paths, self.members,
+                  self.preprocess),
             name=f"batch-decode-{number}", daemon=True,
         )  # fmt: skip
         process.start()
@@ -219,7 +222,7 @@ class DecodePool:
 
 
 def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, since: Any, paths: list[str],
-          preprocess: Preprocess) -> None:  # fmt: skip
+          members: dict[str, Found], preprocess: Preprocess) -> None:  # fmt: skip
     """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
     ignore_stop_signals()
     torch.set_num_threads(1)
@@ -239,7 +242,7 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         for index in indices:
             since[number] = time.monotonic()  # before `current`: the main process reads them the other way round
             current[number] = index
-            item = decode(index, paths[index], preprocess)
+            item = _decode(index, paths, members, preprocess)
             if item.pixels is not None:
                 slots[slot, good].numpy()[...] = item.pixels
                 item.pixels = None
@@ -247,6 +250,10 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
             items.append(item)
         current[number] = IDLE
         connection.send((slot, items))
+
+
+def _decode(index: int, paths: list[str], members: dict[str, Found], preprocess: Preprocess) -> Decoded:
+    return decode(index, paths[index], preprocess, members.get(paths[index]))
 
 
 def _how_it_died(exitcode: int | None) -> str:

@@ -1,19 +1,22 @@
-"""Sources: turn what the user named (folders, files, @lists, manifests) into the inputs of a shard.
+"""Sources: turn what the user named (folders, files, tars, Parquet files of images, @lists, manifests)
+into the inputs of a shard.
 
 A shard is a range of buckets (`paths.bucket_of`), so each source yields only the inputs that hash
 into it: manifests from `batch index` by reading just the row groups that hold those buckets,
-folders and lists by walking them (each task walks the whole tree: index big trees once instead).
+folders, lists and containers by walking or listing them (each task lists every tar's headers and
+walks the whole tree: index big collections once instead).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from batch import manifest
-from batch import paths as stored
+from batch import containers, manifest
 from batch.paths import BUCKETS, bucket_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -25,6 +28,11 @@ class SourceError(ValueError):
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_input_name(name: str) -> bool:
+    """What a folder walk keeps: images, and tars of them."""
+    return is_image_name(name) or containers.is_tar_name(name)
 
 
 def check_sources(sources: Iterable[str]) -> None:
@@ -39,29 +47,60 @@ def check_sources(sources: Iterable[str]) -> None:
                 raise SourceError(f"source directory cannot be read: {target}")
         elif not os.path.exists(target):
             raise SourceError(f"source is a dangling symlink: {target}")
-        elif source.startswith("@") or is_manifest(target):
+        elif source.startswith("@") or is_manifest(target) or containers.is_tar_name(target):
             if not os.access(target, os.R_OK):
                 raise SourceError(f"cannot read {target}")
+            if is_manifest(target) and not (_has_path_column(target) or containers.is_image_table(target)):
+                raise SourceError(
+                    f"{target} is neither a manifest (a 'path' column) nor a Parquet file of images "
+                    f"(a binary column named one of {', '.join(containers.IMAGE_COLUMNS)})"
+                )
         elif not is_image_name(target):
             raise SourceError(
-                f"source is neither a folder, an image, a @list nor a manifest: {target} "
+                f"source is neither a folder, an image, a tar, a @list nor a Parquet file: {target} "
                 f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
+
+
+def _has_path_column(source: str) -> bool:
+    try:
+        return "path" in pq.read_schema(source).names
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def is_manifest(source: str) -> bool:
     return not source.startswith("@") and source.lower().endswith(".parquet") and not os.path.isdir(source)
 
 
+@dataclass
+class Inputs:
+    paths: list[str]  # absolute, without duplicates, sorted
+    members: dict[str, manifest.Found]  # those inside a tar or Parquet file, by path: where to read them
+
+
+def gather(sources: Iterable[str], buckets: range = range(BUCKETS)) -> Inputs:
+    """The inputs named by the sources that fall in `buckets`, with where the packed ones lie."""
+    paths: set[str] = set()
+    members: dict[str, manifest.Found] = {}
+    for source in sources:
+        for item in _in_buckets(source, buckets):
+            paths.add(item.path)
+            if item.container is not None:
+                members[item.path] = item
+    return Inputs(sorted(paths), members)
+
+
+def _in_buckets(source: str, buckets: range) -> Iterator[manifest.Found]:
+    if is_manifest(source) and _has_path_column(source):
+        yield from manifest.found_in(manifest.read(source, buckets))
+    else:
+        yield from (item for item in _expand(source, facts=False) if bucket_of(item.path) in buckets)
+
+
 def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str]:
     """The inputs named by the sources that fall in `buckets`: absolute, without duplicates, sorted."""
-    paths: set[str] = set()
-    for source in sources:
-        if is_manifest(source):
-            paths.update(stored.from_columns(manifest.read(source, buckets)))
-        else:
-            paths.update(found.path for found in _expand(source, facts=False) if bucket_of(found.path) in buckets)
-    return sorted(paths)
+    return gather(sources, buckets).paths
 
 
 def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
@@ -70,7 +109,7 @@ def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
 
     def everything() -> Iterator[manifest.Found]:
         for source in sources:
-            if is_manifest(source):
+            if is_manifest(source) and _has_path_column(source):
                 raise SourceError(f"{source} is a manifest already: index the folders it was made from")
             for found in _expand(source, threads):
                 counter.tick()
@@ -80,13 +119,21 @@ def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
 
 
 def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
-    """The inputs a source names; with `facts`, their size and mtime (which costs a stat each)."""
+    """The inputs a source names; with `facts`, their size and mtime (which costs a stat each). The images
+    inside tars and Parquet files come with their size and place, which their listing gives for free."""
     if source.startswith("@"):
-        yield from read_list(source[1:], threads, facts)
+        found: Iterable[manifest.Found] = read_list(source[1:], threads, facts)
     elif os.path.isdir(source):
-        yield from manifest.walk(source, is_image_name, threads, facts)
+        found = manifest.walk(source, is_input_name, threads, facts)
     else:
-        yield manifest.describe(os.path.abspath(source), facts)
+        found = [manifest.describe(os.path.abspath(source), facts)]
+    for item in found:
+        if containers.is_tar_name(item.path) and os.path.isfile(item.path):
+            yield from containers.list_tar(item.path, is_image_name)
+        elif is_manifest(item.path) and containers.is_image_table(item.path):
+            yield from containers.list_image_table(item.path)
+        else:
+            yield item
 
 
 def read_list(list_file: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
@@ -99,6 +146,6 @@ def read_list(list_file: str, threads: int | None = None, facts: bool = True) ->
                 continue
             path = os.path.join(base, entry)
             if os.path.isdir(path):
-                yield from manifest.walk(path, is_image_name, threads, facts)
+                yield from manifest.walk(path, is_input_name, threads, facts)
             else:
                 yield manifest.describe(os.path.abspath(path), facts)

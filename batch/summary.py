@@ -171,8 +171,8 @@ def _missing(connection: duckdb.DuckDBPyConnection, parts: list[str], manifest: 
 def _without_match(connection: duckdb.DuckDBPyConnection, select: str, left: list[str], right: list[str]) -> duckdb.DuckDBPyConnection:
     """`select` over the rows of the `left` files whose exact name no row of the `right` files has."""
     return connection.execute(
-        f"""SELECT {select} FROM (SELECT *, {_key(left)} AS key FROM read_parquet($left, file_row_number = true))
-            ANTI JOIN (SELECT {_key(right)} AS key FROM read_parquet($right)) USING (key)""",
+        f"""SELECT {select} FROM (SELECT *, {_key(left)} AS exact_name FROM read_parquet($left, file_row_number = true))
+            ANTI JOIN (SELECT {_key(right)} AS exact_name FROM read_parquet($right)) USING (exact_name)""",
         {"left": left, "right": right},
     )
 

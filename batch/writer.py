@@ -10,7 +10,7 @@ import datetime
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,7 @@ from batch.paths import path_columns
 if TYPE_CHECKING:  # summary and pending read parts through this module, and must not wait for torch
     from batch.decode import Decoded
     from batch.inference import Predictions
+    from batch.manifest import Found
 
 ROW_GROUP_ROWS = 32_768
 METADATA_KEY = b"batch"
@@ -30,6 +31,8 @@ def schema(embeddings: bool) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("path_bytes", pa.binary()),  # the exact name, only where `path` had to escape bytes
+        pa.field("key", pa.string()),  # of an image in a tar or Parquet file (WebDataset, img2dataset)
+        pa.field("url", pa.string()),  # where img2dataset downloaded it from
         pa.field("label", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("topk_ids", pa.list_(pa.int32())),
@@ -53,8 +56,11 @@ class RowBuilder:
         self.schema = schema(embeddings)
         self.embeddings = embeddings
 
-    def build(self, paths: Sequence[str], decoded: Sequence[Decoded], answers: Predictions | None) -> pa.RecordBatch:
+    def build(self, paths: Sequence[str], decoded: Sequence[Decoded], answers: Predictions | None,
+              members: Mapping[str, Found] | None = None) -> pa.RecordBatch:  # fmt: skip
+        """`members`: the inputs packed in tars or Parquet files, whose key and url the rows carry."""
         count = len(paths)
+        packed = [(members or {}).get(path) for path in paths]
         good = np.fromiter((item.error is None for item in decoded), bool, count)
         failed = pa.array(~good)
         ids = np.zeros((count, self.topk), np.int32)
@@ -63,6 +69,8 @@ class RowBuilder:
             ids[good], scores[good] = answers.topk_ids, answers.topk_scores
         columns: dict[str, pa.Array] = {
             **path_columns(paths),
+            "key": pa.array([member and member.key for member in packed], pa.string()),
+            "url": pa.array([member and member.url for member in packed], pa.string()),
             "label": pa.array(self.labels[ids[:, 0]], pa.string(), mask=~good),
             "score": pa.array(scores[:, 0], pa.float32(), mask=~good),
             "topk_ids": _lists(ids, pa.int32(), failed),

@@ -90,12 +90,12 @@ def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path) ->
     list_file = write_file_list(paths, folder / "files.txt")
     times = []
     for name, command in contenders(options, folder).items():
-        startup = _seconds(command(first_file, "first"))
-        times.append(ProcessTime(name, len(paths), _seconds(command(list_file, "all")), startup))
+        startup = seconds_of(command(first_file, "first"))
+        times.append(ProcessTime(name, len(paths), seconds_of(command(list_file, "all")), startup))
     return times
 
 
-def _seconds(command: list[str]) -> float:
+def seconds_of(command: list[str]) -> float:
     started = time.perf_counter()
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode:

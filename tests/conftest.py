@@ -81,6 +81,40 @@ def photos() -> Path:
     return images.PHOTOS
 
 
+# A Pillow plugin that claims files starting with a marker and, when Pillow opens one, kills its own
+# process the way a native fault in a codec library or the out-of-memory killer would. It is loaded into
+# every `batch` process through a sitecustomize module on PYTHONPATH, so the real CLI and its real
+# decoding workers meet it exactly as they would meet a broken codec.
+PLUGIN = '''
+import os
+import signal
+import time
+
+from PIL import Image, ImageFile
+
+class CrashingFile(ImageFile.ImageFile):
+    format = "CRASHING"
+
+    def _open(self):
+        how = self.fp.read(32).split(b"\\n")[0].removeprefix(b"CRASH-WITH-").decode()
+        if how == "ABORT":
+            os.abort()
+        if how == "HANG":
+            time.sleep(3600)
+        os.kill(os.getpid(), getattr(signal, how))
+
+Image.register_open("CRASHING", CrashingFile, lambda head: head.startswith(b"CRASH-WITH-"))
+'''
+
+
+@pytest.fixture
+def crashing_plugin(tmp_path) -> dict[str, str]:
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(PLUGIN)
+    return {"PYTHONPATH": str(folder)}
+
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 

@@ -94,3 +94,16 @@ def test_compare_times_the_peers_and_batch_and_checks_agreement(photos, tmp_path
     assert re.search(r"^  batch classify is [0-9.]+x the better peer \((naive|dataloader) \(peer\)\)$", report, re.MULTILINE)
     assert report.rstrip().endswith("top-1 agreement with the reference preprocessing: 3 of 3 (100.00%)")
     assert list(tmp_path.iterdir()) == [], "the outputs must be deleted"
+
+
+def test_tar_vs_files_times_the_same_pictures_as_files_tars_and_parquet(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tar_vs_files", "5", "--width", "120", "--per-container", "2", "--repeat", "1",
+         "--workers", "1"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr  # it checks that each run wrote a row for every picture
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("tar_vs_files: 5 JPEGs 120 px wide")
+    assert [re.match(r"^  (\w+) +[0-9.]+ s +[0-9.]+ images/s$", line)[1] for line in lines[1:]] == ["files", "tars", "parquet"]
+    assert list(tmp_path.iterdir()) == [], "the pictures and outputs must be deleted"

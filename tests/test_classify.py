@@ -34,7 +34,8 @@ from tests.test_repository import readme_blocks
 TIMED_LINE = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S")
 
 EXPECTED_SCHEMA = pa.schema(
-    [("path", pa.string(), False), ("path_bytes", pa.binary()), ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
+    [("path", pa.string(), False), ("path_bytes", pa.binary()), ("key", pa.string()), ("url", pa.string()),
+     ("label", pa.string()), ("score", pa.float32()), ("topk_ids", pa.list_(pa.int32())),
      ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())), ("width", pa.int32()),
      ("height", pa.int32()), ("error", pa.string())]
 )  # fmt: skip
@@ -77,6 +78,7 @@ def test_every_awkward_file_gets_one_row_and_bad_files_say_why(awkward_folder, t
     result = run_batch("classify", awkward_folder, "-o", output, "--workers", "2", "--topk", "3")
     table = ds.dataset(output, format="parquet").to_table()
     assert table.schema.remove_metadata() == EXPECTED_SCHEMA
+    assert table.column("key").null_count == table.column("url").null_count == table.num_rows, "files have no key"
     rows = {Path(row["path"]).relative_to(awkward_folder).as_posix(): row for row in table.to_pylist()}
     assert len(rows) == table.num_rows == len(images.GOOD) + len(images.BAD) + 1
     for name, (_writer, width, height) in images.GOOD.items():

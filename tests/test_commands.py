@@ -20,7 +20,8 @@ def test_index_writes_a_manifest_sorted_by_bucket_that_classify_reads(awkward_fo
     result = run_batch("index", awkward_folder / "good", photos, photos / "coffee.jpg", "-o", manifest)
     table = pq.read_table(manifest)
     assert f"indexed {table.num_rows} images" in result.stdout
-    assert table.schema.names == ["path", "path_bytes", "bucket", "size", "mtime"]
+    assert table.schema.names == ["path", "path_bytes", "bucket", "size", "mtime", "member", "offset", "key", "url", "error"]
+    assert table.column("member").null_count == table.num_rows, "files are not inside a container"
     assert table.schema.field("mtime").type == pa.timestamp("ns", "UTC")
     paths = table.column("path").to_pylist()
     assert len(paths) == len(images.GOOD) + 3, "a file named twice is one input"

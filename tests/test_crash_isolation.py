@@ -1,10 +1,5 @@
-"""A decoder that dies or hangs costs only its file: real crashes, from a Pillow plugin the test registers.
-
-The plugin claims files that start with a marker and, when Pillow opens one, kills its own process
-the way a native fault in a codec library or the out-of-memory killer would. It is loaded into every
-`batch` process through a sitecustomize module on PYTHONPATH, so the real CLI and its real decoding
-workers meet it exactly as they would meet a broken codec.
-"""
+"""A decoder that dies or hangs costs only its file: real crashes, from a Pillow plugin the test registers
+(conftest.py's `crashing_plugin`)."""
 
 from __future__ import annotations
 
@@ -17,39 +12,10 @@ import pytest
 from tests import images
 from tests.conftest import FAST, read_rows, run_batch
 
-PLUGIN = '''
-import os
-import signal
-import time
-
-from PIL import Image, ImageFile
-
-class CrashingFile(ImageFile.ImageFile):
-    format = "CRASHING"
-
-    def _open(self):
-        how = self.fp.read(32).split(b"\\n")[0].removeprefix(b"CRASH-WITH-").decode()
-        if how == "ABORT":
-            os.abort()
-        if how == "HANG":
-            time.sleep(3600)
-        os.kill(os.getpid(), getattr(signal, how))
-
-Image.register_open("CRASHING", CrashingFile, lambda head: head.startswith(b"CRASH-WITH-"))
-'''
-
 
 def crashing_file(path: Path, how: str) -> Path:
     path.write_bytes(f"CRASH-WITH-{how}\n".encode() + bytes(1000))
     return path
-
-
-@pytest.fixture
-def crashing_plugin(tmp_path) -> dict[str, str]:
-    folder = tmp_path / "plugin"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(PLUGIN)
-    return {"PYTHONPATH": str(folder)}
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -143,7 +143,7 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import decode, manifest, paths, pipeline, report, summary, writer
+    from batch import containers, decode, manifest, paths, pipeline, report, summary, writer
 
     cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
@@ -172,6 +172,8 @@ def claims() -> list[tuple[str, object]]:
         ("the {} least confident predictions", report.LEAST_CONFIDENT),
         ("at most {} thumbnails, {} px on the longer side and under {:.0f} KB each",
          (report.GRID_LABELS * report.PER_LABEL + report.LEAST_CONFIDENT, report.THUMBNAIL, report.THUMBNAIL_BYTES / 1000)),
+        ("with a binary column named {} (the first of these it has)",
+         ", ".join(f"`{name}`" for name in containers.IMAGE_COLUMNS[:-1]) + f" or `{containers.IMAGE_COLUMNS[-1]}`"),
     ]  # fmt: skip
 
 
