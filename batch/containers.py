@@ -8,7 +8,8 @@ spread over every shard. Nothing is ever unpacked to disk.
 
 Listing a tar reads its 512-byte headers (and the small `KEY.json` members, for their url) and seeks
 over the images; an image's bytes are one contiguous range of the file, read with one `os.pread`. A Parquet file is read by row group: the worker keeps the
-image column of one row group (its last) in memory, never the whole file.
+image column of one row group (its last) in memory, never the whole file. `batch report` finds the
+members it shows by their names alone (`locate`), and reads them with the same Reader.
 """
 
 from __future__ import annotations
