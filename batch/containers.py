@@ -175,10 +175,11 @@ def _listed(container: str, members: set[str]) -> tuple[dict[str, Found], str]:
         listed = {found.path: found for found in list_tar(container, lambda name: f"{container}/{name}" in members)}
         broken = listed.pop(f"{container}/", None)
         return listed, broken.error if broken else "no longer in the tar"
-    if not is_image_table(container):
-        return {}, "no longer a Parquet file of images"
     try:
-        return {found.path: found for found in list_image_table(container) if found.path in members}, "no longer in the Parquet file"
+        if image_column(pq.read_schema(container)) is None:
+            return {}, "no longer a Parquet file of images"
+        listed = {found.path: found for found in list_image_table(container) if found.path in members}
+        return listed, "no longer in the Parquet file"
     except (OSError, pa.ArrowException) as error:
         return {}, f"unreadable Parquet file: {error}"
 
