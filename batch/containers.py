@@ -161,7 +161,7 @@ def locate(paths: Iterable[str]) -> list[Found]:
     located = []
     for container, members in wanted.items():
         listed, why_not = _listed(container, members)
-        located += sorted((listed[path] for path in members if path in listed), key=lambda found: found.offset)
+        located += sorted(listed.values(), key=lambda found: found.offset)
         located += [Found(path, None, None, container, error=why_not) for path in sorted(members - listed.keys())]
     return located
 
