@@ -8,7 +8,8 @@ spread over every shard. Nothing is ever unpacked to disk.
 
 Listing a tar reads its 512-byte headers (and the small `KEY.json` members, for their url) and seeks
 over the images; an image's bytes are one contiguous range of the file, read with one `os.pread`. A Parquet file is read by row group: the worker keeps the
-image column of one row group (its last) in memory, never the whole file.
+image column of one row group (its last) in memory, never the whole file. `batch report` finds the
+members it shows by their names alone (`locate`), and reads them with the same Reader.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from typing import BinaryIO, Callable, Iterator
+from collections import defaultdict
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +27,7 @@ from batch.manifest import Found
 from batch.paths import readable
 
 TAR_EXTENSION = ".tar"
+PARQUET_EXTENSION = ".parquet"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "bytes")  # img2dataset writes `jpg`
 BLOCK = 512
 
@@ -133,6 +136,54 @@ def is_image_table(path: str) -> bool:
         return False
 
 
+def container_of(path: str) -> str | None:
+    """The tar or Parquet file that PATH names a member of, whether it is still there or not; None for a
+    plain file's path. A container is a file, so it is PATH's first ancestor that is not a folder."""
+    parts = path.split("/")
+    for end in range(1, len(parts)):
+        ancestor = "/".join(parts[:end])
+        if ancestor and not os.path.isdir(ancestor):
+            named = is_tar_name(ancestor) or ancestor.lower().endswith(PARQUET_EXTENSION)
+            return ancestor if named else None
+    return None
+
+
+def locate(paths: Iterable[str]) -> list[Found]:
+    """Where each member among PATHS lies now, for `Reader`, or (as its `error`) why it cannot be read;
+    plain files' paths are left out. For the few rows `batch report` shows: each container is listed
+    once, keeping only the members asked for, and they come container by container in file order, so
+    a Reader opens each container (and reads each Parquet row group) once."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for path in paths:
+        container = container_of(path)
+        if container is not None:
+            wanted[container].add(path)
+    located = []
+    for container, members in wanted.items():
+        listed, why_not = _listed(container, members)
+        located += sorted(listed.values(), key=lambda found: found.offset)
+        located += [Found(path, None, None, container, error=why_not) for path in sorted(members - listed.keys())]
+    return located
+
+
+def _listed(container: str, members: set[str]) -> tuple[dict[str, Found], str]:
+    """Those of MEMBERS that CONTAINER holds now, by path, and why any other is not there."""
+    kind = "tar" if is_tar_name(container) else "Parquet file"
+    if not os.path.isfile(container):
+        return {}, f"{kind} gone"
+    if is_tar_name(container):
+        listed = {found.path: found for found in list_tar(container, lambda name: f"{container}/{name}" in members)}
+        broken = listed.pop(f"{container}/", None)
+        return listed, broken.error if broken else "no longer in the tar"
+    try:
+        if image_column(pq.read_schema(container)) is None:
+            return {}, "no longer a Parquet file of images"
+        listed = {found.path: found for found in list_image_table(container) if found.path in members}
+        return listed, "no longer in the Parquet file"
+    except (OSError, pa.ArrowException) as error:
+        return {}, f"unreadable Parquet file: {error}"
+
+
 class Reader:
     """Reads members in a decoding worker, keeping the last container open (one open per container, not
     per member: opens are what a parallel file system runs out of) and, for Parquet, the image column of
@@ -145,7 +196,7 @@ class Reader:
     def read(self, member: Found) -> bytes:
         if member.error:
             raise MemberError(member.error)
-        if member.container.lower().endswith(".parquet"):
+        if member.container.lower().endswith(PARQUET_EXTENSION):
             return self._row(member.container, member.offset)
         return self._range(member.container, member.offset, member.size)
 

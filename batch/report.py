@@ -8,6 +8,8 @@ each of the GRID_LABELS most frequent (picked by a hash of the path, so an outpu
 page), the LEAST_CONFIDENT rows, ERROR_EXAMPLES paths per error kind. That is 72 thumbnails of at most
 THUMBNAIL_BYTES: under 0.8 MB as base64, whatever the row count. Thumbnails are made only of files
 that decoded when they were classified; one that has gone or changed since gets a placeholder saying why.
+An image inside a tar or Parquet file is read from it as `classify` read it (`containers.locate`, then
+its `Reader`), each container listed once for all the cards.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ import os
 import stat
 import tempfile
 from collections import Counter, defaultdict
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from functools import partial
+from itertools import chain
+from typing import Any, BinaryIO, Callable, Iterable
 
 import duckdb
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from batch import containers
 from batch.commit import list_parts
 from batch.decode import to_rgb
+from batch.manifest import Found
 from batch.summary import Throughput, connect
 from batch.writer import read_record
 
@@ -43,6 +50,7 @@ THUMBNAIL_BYTES = 8_000  # the bound tests/test_report.py holds it to
 VALUES_SHOWN = 5  # distinct values of one provenance field (hosts, job ids...)
 NOT_SHOWN = {"labels", "shard", "slurm_array_task_id"}  # the class list, and what differs in every task
 PICTURE_COLUMNS = "path, path_bytes, label, score"
+Thumbnail = tuple[str | None, str]  # a JPEG data URI, or None and why there is none
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,11 @@ class Picture:
     label: str | None
     score: float | None
     detail: str = ""
+
+    @property
+    def name(self) -> str:
+        """The exact name, as `os` takes it."""
+        return self.path if self.path_bytes is None else os.fsdecode(self.path_bytes)
 
 
 def write_report(output: str, target: str, title: str | None = None) -> str:
@@ -78,13 +91,17 @@ def render(output: str, parts: list[str], title: str) -> str:
         errors = labels.pop(None, 0)
         ranked = sorted(labels.items(), key=lambda item: (-item[1], item[0]))
         rows = sum(labels.values()) + errors
+        examples = _examples(query, [label for label, _ in ranked[:GRID_LABELS]])
+        least_confident = _least_confident(query)
+        shown = thumbnails([picture.name for picture in chain(*examples.values(), least_confident)])
         body = [
             f"<h1>{_text(title)}</h1>",
             _overview(output, rows, errors, len(labels), records),
             _section("Labels", _label_chart(ranked, rows)),
             _section("Confidence of the top label", _confidence(query)),
-            _section("Examples of the most frequent labels", _examples(query, [label for label, _ in ranked[:GRID_LABELS]])),
-            _section(f"The {LEAST_CONFIDENT} least confident predictions", _least_confident(query)),
+            _section("Examples of the most frequent labels", _example_grids(examples, shown)),
+            _section(f"The {LEAST_CONFIDENT} least confident predictions",
+                     _grid(least_confident, shown) if least_confident else "<p>No predictions.</p>"),
             _section("Errors by kind", _errors(query, errors)),
             _section("Provenance", _provenance(records)),
             _section("Throughput", _throughput(Throughput.of(records))),
@@ -139,29 +156,32 @@ def _bars(counts: list[tuple[str, int]], total: int) -> str:
     ) + "</div>"  # fmt: skip
 
 
-def _examples(query: _Query, labels: list[str]) -> str:
-    if not labels:
-        return "<p>No labels.</p>"
+def _examples(query: _Query, labels: list[str]) -> dict[str, list[Picture]]:
+    """PER_LABEL rows of each label, in the labels' order."""
     picked = dict(query.rows(f"SELECT label, min_by(({PICTURE_COLUMNS}), hash(path), $n) FROM parts "
                              "WHERE list_contains($labels, label) GROUP BY label", n=PER_LABEL, labels=labels))  # fmt: skip
-    rows = [f"<h3>{_text(label)}</h3>" + _grid(Picture(*row) for row in picked[label]) for label in labels]
-    return f"<p class=note>{PER_LABEL} rows of each, picked by a hash of the path.</p>" + "".join(rows)
+    return {label: [Picture(*row) for row in picked[label]] for label in labels}
 
 
-def _least_confident(query: _Query) -> str:
+def _example_grids(examples: dict[str, list[Picture]], shown: dict[str, Thumbnail]) -> str:
+    if not examples:
+        return "<p>No labels.</p>"
+    grids = [f"<h3>{_text(label)}</h3>" + _grid(pictures, shown) for label, pictures in examples.items()]
+    return f"<p class=note>{PER_LABEL} rows of each, picked by a hash of the path.</p>" + "".join(grids)
+
+
+def _least_confident(query: _Query) -> list[Picture]:
     rows = query.rows(f"SELECT {PICTURE_COLUMNS}, topk_labels[2], topk_scores[2] FROM parts WHERE score IS NOT NULL "
                       "ORDER BY score, path LIMIT $n", n=LEAST_CONFIDENT)  # fmt: skip
-    if not rows:
-        return "<p>No predictions.</p>"
-    return _grid(Picture(*row[:4], detail=f"then {row[4]} {row[5]:.3f}" if row[4] is not None else "") for row in rows)
+    return [Picture(*row[:4], detail=f"then {row[4]} {row[5]:.3f}" if row[4] is not None else "") for row in rows]
 
 
-def _grid(pictures: Iterable[Picture]) -> str:
-    return "<div class=grid>" + "".join(_card(picture) for picture in pictures) + "</div>"
+def _grid(pictures: Iterable[Picture], shown: dict[str, Thumbnail]) -> str:
+    return "<div class=grid>" + "".join(_card(picture, shown[picture.name]) for picture in pictures) + "</div>"
 
 
-def _card(picture: Picture) -> str:
-    uri, reason = thumbnail(picture.path_bytes or picture.path)
+def _card(picture: Picture, thumbnail: Thumbnail) -> str:
+    uri, reason = thumbnail
     shown = f"<img src='{uri}' alt=''>" if uri else f"<span class=placeholder>{_text(reason)}</span>"
     score = f" {picture.score:.3f}" if picture.score is not None else ""
     detail = f"<span class=detail>{_text(picture.detail)}</span>" if picture.detail else ""
@@ -170,10 +190,17 @@ def _card(picture: Picture) -> str:
             f"<span class=path>{_text(picture.path)}</span></figcaption></figure>")  # fmt: skip
 
 
-def thumbnail(name: str | bytes) -> tuple[str | None, str]:
-    """A JPEG data URI of at most THUMBNAIL px a side, or None and why there is none."""
+def thumbnails(names: list[str]) -> dict[str, Thumbnail]:
+    """Each name's thumbnail. Members of tars and Parquet files are read first, container by container."""
+    with closing(containers.Reader()) as reader:
+        shown = {member.path: thumbnail(partial(_read, reader, member)) for member in containers.locate(names)}
+    return shown | {name: thumbnail(partial(_open, name)) for name in dict.fromkeys(names) if name not in shown}
+
+
+def thumbnail(opened: Callable[[], BinaryIO]) -> Thumbnail:
+    """A JPEG of at most THUMBNAIL px a side of the picture `opened()` gives, or None and why there is none."""
     try:
-        with _open(name) as handle, Image.open(handle) as image:
+        with opened() as handle, Image.open(handle) as image:
             image.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEGs decode at reduced scale: a 24 Mpx photo costs little
             small = to_rgb(ImageOps.exif_transpose(image))
             small.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -185,6 +212,8 @@ def thumbnail(name: str | bytes) -> tuple[str | None, str]:
         return None, "not a plain file"
     except UnidentifiedImageError:
         return None, "no longer an image"
+    except containers.MemberError as error:
+        return None, str(error)[:80]
     except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on bytes changed since
         return None, f"cannot decode: {error}"[:80]
     encoded = io.BytesIO()
@@ -196,9 +225,12 @@ class _NotAFile(OSError):
     """A folder, FIFO or device where the picture was."""
 
 
-def _open(name: str | bytes) -> BinaryIO:
-    """The input's bytes: the one place to teach the report other kinds of input (archive members).
-    Opened without blocking, so a FIFO put in a picture's place is refused, not waited on."""
+def _read(reader: containers.Reader, member: Found) -> BinaryIO:
+    return io.BytesIO(reader.read(member))
+
+
+def _open(name: str) -> BinaryIO:
+    """A plain file, opened without blocking, so a FIFO put in a picture's place is refused, not waited on."""
     descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)

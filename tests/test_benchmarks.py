@@ -107,3 +107,19 @@ def test_tar_vs_files_times_the_same_pictures_as_files_tars_and_parquet(tmp_path
     assert lines[0].startswith("tar_vs_files: 5 JPEGs 120 px wide")
     assert [re.match(r"^  (\w+) +[0-9.]+ s +[0-9.]+ images/s$", line)[1] for line in lines[1:]] == ["files", "tars", "parquet"]
     assert list(tmp_path.iterdir()) == [], "the pictures and outputs must be deleted"
+
+
+def test_report_members_times_the_report_of_members_of_tars_and_parquet_files(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.report_members", "--containers", "3", "--members", "40"],
+                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "120 rows, in 3 containers of 40 samples each:"
+    timed = [re.match(r"^  batch report, (.+?) +[0-9.]+ s +[0-9]+ MB peak$", line)[1] for line in lines[1::2]]
+    runs = dict(zip(timed, lines[2::2]))
+    assert list(runs) == ["no such files", "tars", "parquets"]
+    assert re.match(r"^    0 thumbnails and \d+ placeholders, from 0 containers", runs["no such files"])
+    for kind in ("tars", "parquets"):
+        assert re.match(r"^    \d+ thumbnails and 0 placeholders, from 3 containers", runs[kind]), runs[kind]
+    assert list(tmp_path.iterdir()) == [], "the containers and outputs must be deleted"

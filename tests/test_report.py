@@ -9,7 +9,9 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 from dataclasses import dataclass, field
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from PIL import Image, ImageOps
 
 from batch import report
 from batch.writer import read_record
+from benchmarks.packing import Sample, write_parquet, write_tar
 from tests import images
-from tests.conftest import run_batch
+from tests.conftest import FAST, run_batch
 
 INJECTED = "<script>/& <img src=x onerror=alert(1)>.jpg"  # a folder and a file name: user data, never markup
 TITLE = "Run <b>7</b> & co"
@@ -176,6 +179,68 @@ def test_a_file_gone_or_replaced_since_gets_a_placeholder_saying_why(reported):
 def test_a_name_that_is_not_utf8_is_opened_by_its_exact_bytes(reported):
     cards = [card for card in reported.dom.all(kind="card") if card.all(kind="path")[0].text.endswith("caf\\xe9.jpg")]
     assert cards and all(card.all("img") and not card.all(kind="placeholder") for card in cards)
+
+
+def photos(first: int) -> list[Sample]:
+    return [Sample(f"{first + number:07d}", (images.PHOTOS / f"{name}.jpg").read_bytes(), f"https://example.org/{name}.jpg")
+            for number, name in enumerate(PHOTO_NAMES)]  # fmt: skip
+
+
+PHOTO_NAMES = ("chelsea", "coffee", "rocket")
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict[str, Element]:
+    """The photos in tars and Parquet files, classified; then one tar deleted, one cut short, one Parquet
+    file rewritten with fewer rows; reported and browsed. Every card by its path (16 rows: all of them are
+    among the least confident)."""
+    root = tmp_path_factory.mktemp("packed")
+    tar = write_tar(root / "shard-000000.tar", photos(0))
+    gone = write_tar(root / "shard-000001.tar", photos(3))
+    cut = write_tar(root / "shard-000002.tar", photos(6))
+    table = write_parquet(root / "part-00000.parquet", photos(9), row_group_rows=2)
+    shrunk = write_parquet(root / "part-00001.parquet", photos(12))
+    (root / "a folder.tar").mkdir()  # named like a tar, but a folder: its files are plain files
+    shutil.copy(images.PHOTOS / "coffee.jpg", root / "a folder.tar" / "coffee.jpg")
+    run_batch("classify", tar, gone, cut, table, shrunk, root / "a folder.tar", "-o", root / "out", *FAST, "--workers", "1")
+    gone.unlink()
+    with tarfile.open(cut) as opened:
+        second = opened.getmember("0000007.jpg").offset_data
+    cut.write_bytes(cut.read_bytes()[: second + 5000])
+    write_parquet(shrunk, photos(12)[:1])
+    page = root / "report.html"
+    run_batch("report", root / "out", "-o", page)
+    dom = _Tree(browse(page, root / "profile", "--dump-dom")).root
+    return {card.all(kind="path")[0].text.removeprefix(f"{root}/"): card for card in dom.all(kind="card")}
+
+
+def test_members_of_tars_and_parquet_files_get_thumbnails_of_their_own_bytes(packed):
+    """Each member's thumbnail is the one its photo makes as a file: the member's bytes were read exactly. A file
+    in a folder named like a tar is a plain file."""
+    as_files = {name: report.thumbnail(partial(open, images.PHOTOS / f"{name}.jpg", "rb"))[0] for name in PHOTO_NAMES}
+    members = {f"shard-000000.tar/{number:07d}.jpg": PHOTO_NAMES[number] for number in range(3)}
+    members |= {f"part-00000.parquet/{9 + number:07d}.jpg": PHOTO_NAMES[number] for number in range(3)}
+    members |= {"shard-000002.tar/0000006.jpg": "chelsea", "part-00001.parquet/0000012.jpg": "chelsea",
+                "a folder.tar/coffee.jpg": "coffee"}  # fmt: skip
+    for path, name in members.items():
+        shown = packed[path].all("img")
+        assert shown and not packed[path].all(kind="placeholder"), path
+        assert shown[0].attributes["src"] == as_files[name], path
+        assert len(base64.b64decode(as_files[name].split(",", 1)[1])) <= report.THUMBNAIL_BYTES
+
+
+def test_a_member_whose_container_went_or_changed_gets_a_placeholder_saying_why(packed):
+    reasons = {path: card.all(kind="placeholder")[0].text for path, card in packed.items() if card.all(kind="placeholder")}
+    assert set(reasons) == {
+        *(f"shard-000001.tar/{number:07d}.jpg" for number in (3, 4, 5)),
+        "shard-000002.tar/0000007.jpg", "shard-000002.tar/0000008.jpg",
+        "part-00001.parquet/0000013.jpg", "part-00001.parquet/0000014.jpg",
+    }  # fmt: skip
+    assert {reasons[f"shard-000001.tar/{number:07d}.jpg"] for number in (3, 4, 5)} == {"tar gone"}
+    assert re.fullmatch(r"truncated: the tar ends \d+ bytes into this member's \d+", reasons["shard-000002.tar/0000007.jpg"])
+    assert reasons["shard-000002.tar/0000008.jpg"].startswith("truncated tar: the file ends at byte ")
+    shrunk = {reasons[f"part-00001.parquet/{number:07d}.jpg"] for number in (13, 14)}
+    assert shrunk == {"no longer in the Parquet file"}
 
 
 def test_the_least_confident_are_duckdbs_lowest_scores(reported):
