@@ -118,6 +118,7 @@ case $runtime in
         for device in "${cdi[@]}"; do options+=(--device "$device"); done
         launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" "${options[@]}"
             "${BATCH_IMAGE:-classify:latest}")
+        command=("${command[@]:1}") # the image's entrypoint is batch
         ;;
     none) launcher=() ;;
     *) echo "BATCH_RUNTIME must be apptainer, podman or none, not '$runtime'" >&2 && exit 2 ;;
