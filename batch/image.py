@@ -80,9 +80,7 @@ def sif(image: str, sif_path: str, archive: str | None = None) -> SifResult:
     command = f"apptainer build {shlex.quote(sif_path)} oci-archive://{shlex.quote(os.path.abspath(archive))}"
     if not shutil.which("apptainer"):
         return SifResult(archive, None, command)
-    from spython.main import Client
-
-    Client.build(recipe=f"oci-archive://{os.path.abspath(archive)}", image=sif_path, sudo=False, force=True)
+    _run(["apptainer", "build", "--force", sif_path, f"oci-archive://{os.path.abspath(archive)}"])
     if not os.path.exists(sif_path):
         raise ImageError(f"{command} did not produce {sif_path}")
     _run(["apptainer", "test", sif_path])
