@@ -3,9 +3,9 @@
 `definition` runs spython (DockerParser, then SingularityWriter) and mends what it gets wrong for us:
 LABEL lines keep their `key="value"` form and trailing backslashes, ARG values are not substituted,
 ENV values are not exported during %post, USER becomes `su -` in %post, %files entries that the
-layering splits would nest inside each other, and the runscript `cd`s
-into WORKDIR and runs `/bin/bash batch`, where Apptainer users expect `batch "$@"` in their own
-working directory.
+layering splits would nest inside each other, and the runscript `cd`s into WORKDIR, where
+Apptainer users expect their own working directory. The runscript is the one Apptainer makes when it
+converts the OCI image, ENTRYPOINT with the arguments or else CMD, so both routes to a SIF run alike.
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ def sif(image: str, sif_path: str, archive: str | None = None) -> SifResult:
     command = f"apptainer build {shlex.quote(sif_path)} oci-archive://{shlex.quote(os.path.abspath(archive))}"
     if not shutil.which("apptainer"):
         return SifResult(archive, None, command)
-    from spython.main import Client
-
-    Client.build(recipe=f"oci-archive://{os.path.abspath(archive)}", image=sif_path, sudo=False, force=True)
+    _run(["apptainer", "build", "--force", sif_path, f"oci-archive://{os.path.abspath(archive)}"])
     if not os.path.exists(sif_path):
         raise ImageError(f"{command} did not produce {sif_path}")
     _run(["apptainer", "test", sif_path])
@@ -146,14 +144,21 @@ def definition(containerfile: str = "Containerfile") -> str:
         post.append(f"export {environment[name]}" if name in environment and "=" in line else line)
     recipe.labels, recipe.install, recipe.environ = [[label] for label in labels], post, list(environment.values())
     recipe.files = _whole_copies(recipe.files)
-    recipe.workdir, recipe.cmd = None, None
+    runscript = _runscript(recipe.entrypoint, recipe.cmd)
+    recipe.workdir, recipe.entrypoint, recipe.cmd = None, None, None
     text = SingularityWriter(stages).convert()
-    text = re.sub(r"%runscript\n.*?(?=\n%|\Z)", '%runscript\nexec batch "$@"', text, flags=re.S)
+    text = re.sub(r"%runscript\n.*?(?=\n%|\Z)", lambda _match: f"%runscript\n{runscript}", text, flags=re.S)
     text = re.sub(r"\n%startscript\n.*?(?=\n%|\Z)", "", text, flags=re.S)
     text = re.sub(r"\nStage: spython-base\n+", "\n\n", text).lstrip()
     header = f"# Generated from {os.path.basename(containerfile)} by `batch image def`; do not edit by hand.\n"
     extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\nbatch doctor\n"
     return header + text.rstrip() + "\n" + extras
+
+
+def _runscript(entrypoint: list[str], default_arguments: list[str]) -> str:
+    """ENTRYPOINT run with the caller's arguments, or with CMD when there are none."""
+    default = f'[ "$#" -gt 0 ] || set -- {shlex.join(default_arguments)}\n' if default_arguments else ""
+    return f'{default}exec {shlex.join(entrypoint)} "$@"'
 
 
 def check_definition(containerfile: str, committed: str) -> str | None:

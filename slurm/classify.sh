@@ -98,10 +98,18 @@ for name in CUDA_VISIBLE_DEVICES TORCH_HOME SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLUR
     [[ -n ${!name:-} ]] && forwarded+=("$name=${!name}")
 done
 
-# Options both container runtimes take; $1 is the runtime's flag for a bind mount.
+# Options both container runtimes take; $1 is the runtime's flag for a bind mount. A folder both read
+# and written (the pending step's manifest beside its to-do list) is bound once, writable.
+is_writable() {
+    local path
+    for path in "${writable[@]}"; do [[ $1 == "$path" ]] && return 0; done
+    return 1
+}
 container_options() {
     options=()
-    for path in "${read_only[@]}"; do options+=("$1" "$path:$path:ro"); done
+    for path in "${read_only[@]}"; do
+        if ! is_writable "$path"; then options+=("$1" "$path:$path:ro"); fi
+    done
     for path in "${writable[@]}"; do options+=("$1" "$path:$path"); done
     for pair in "${forwarded[@]}"; do options+=(--env "$pair"); done
 }
@@ -118,6 +126,7 @@ case $runtime in
         for device in "${cdi[@]}"; do options+=(--device "$device"); done
         launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" "${options[@]}"
             "${BATCH_IMAGE:-classify:latest}")
+        command=("${command[@]:1}") # the image's entrypoint is batch
         ;;
     none) launcher=() ;;
     *) echo "BATCH_RUNTIME must be apptainer, podman or none, not '$runtime'" >&2 && exit 2 ;;

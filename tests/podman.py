@@ -40,6 +40,10 @@ class Podman:
         path = os.environ["PATH"]
         return {**os.environ, "PATH": f"{self.wrapper_dir}:{path}" if self.wrapper_dir else path}
 
+    @property
+    def user(self) -> str:
+        return pwd.getpwuid(self.owner[0]).pw_name
+
     def build_options(self) -> list[str]:
         mounts = [f"--volume={path}:{path}:ro" for path in HOST_TRUST if os.path.exists(path)]
         return ["--network=host", *mounts]
