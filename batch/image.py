@@ -27,6 +27,12 @@ The batch image classifier (batch {version}).
 Bind your data and scratch folders (--bind /data,/scratch); with --cleanenv, forward
 CUDA_VISIBLE_DEVICES and the SLURM_* variables as APPTAINERENV_*."""
 
+# %test: `apptainer test` keeps the caller's environment, so doctor sees what the job was allotted.
+TEST = """\
+# In a job that was allotted GPUs (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES...) this fails unless they
+# are visible: apptainer test --nv classify.sif
+exec batch doctor"""
+
 
 class ImageError(RuntimeError):
     """A container tool is missing or failed; the message says which and how."""
@@ -152,7 +158,7 @@ def definition(containerfile: str = "Containerfile") -> str:
     text = re.sub(r"\n%startscript\n.*?(?=\n%|\Z)", "", text, flags=re.S)
     text = re.sub(r"\nStage: spython-base\n+", "\n\n", text).lstrip()
     header = f"# Generated from {os.path.basename(containerfile)} by `batch image def`; do not edit by hand.\n"
-    extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\nbatch doctor\n"
+    extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\n{TEST}\n"
     return header + text.rstrip() + "\n" + extras
 
 

@@ -46,7 +46,7 @@ def test_apptainer_def_is_in_sync_and_parses_back():
     assert "export PIP_NO_CACHE_DIR=1" in post
     assert f"BATCH_IMAGE_VERSION={batch.__version__}" in stage.environ
     text = (REPOSITORY / "apptainer.def").read_text()
-    assert "%runscript\nexec batch \"$@\"\n" in text and "%test\nbatch doctor\n" in text and "%help\n" in text
+    assert "%runscript\nexec batch \"$@\"\n" in text and "%help\n" in text
     assert f"org.opencontainers.image.version {batch.__version__}\n" in text
     assert "batch/__init__.py" not in text  # copied with batch/ already; listing it too would nest batch/batch
 
@@ -61,6 +61,20 @@ def test_def_check_names_the_drift(tmp_path):
     assert result.returncode == 1 and "+export EXTRA=1" in result.stderr and "out of date" in result.stderr
     run_batch("image", "def", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
     run_batch("image", "def", "--check", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
+    sections = definition_sections((tmp_path / "apptainer.def").read_text())
+    assert sections["test"][-1] == "exec batch doctor" and "apptainer test --nv" in "\n".join(sections["test"])
+
+
+def test_the_def_test_section_fails_without_the_gpus_a_job_was_allotted_and_names_nv(podman, image):
+    """%test run in the image as `apptainer test` runs it in a GPU job, without --nv: no GPU inside."""
+    script = "\n".join(definition_sections((REPOSITORY / "apptainer.def").read_text())["test"])
+    allotted = ["--env", "APPTAINER_CONTAINER=/scratch/classify.sif", "--env", "SLURM_JOB_ID=7", "--env", "SLURM_JOB_GPUS=1"]
+    result = podman("run", "--rm", *allotted, image, "sh", "-c", script, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and "PROBLEM: a GPU was expected (SLURM_JOB_GPUS=1) but none is visible" in said, said
+    assert "apptainer test --nv IMAGE" in said and "container: batch image" in said, said
+    healthy = podman("run", "--rm", image, "sh", "-c", script, check=False)  # no GPU promised
+    assert healthy.returncode == 0 and healthy.stdout.rstrip().endswith("ok"), healthy.stdout + healthy.stderr
 
 
 def test_image_labels_user_and_default_command(podman, image):
