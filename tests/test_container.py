@@ -3,6 +3,7 @@ run the way Apptainer runs it, rebuilt after a code change, and saved for SIF co
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import pytest
 from spython.main.parse.parsers import SingularityParser
 
 import batch
-from batch.image import check_definition
+from batch.image import check_definition, revision, source
 from tests.conftest import REPOSITORY, build_context, build_image, read_rows, run_batch
 
 
@@ -48,6 +49,7 @@ def test_apptainer_def_is_in_sync_and_parses_back():
     text = (REPOSITORY / "apptainer.def").read_text()
     assert "%runscript\nexec batch \"$@\"\n" in text and "%help\n" in text
     assert f"org.opencontainers.image.version {batch.__version__}\n" in text
+    assert "image.created" not in text and "image.revision" not in text  # a committed file cannot know them
     assert "batch/__init__.py" not in text  # copied with batch/ already; listing it too would nest batch/batch
 
 
@@ -77,12 +79,37 @@ def test_the_def_test_section_fails_without_the_gpus_a_job_was_allotted_and_name
     assert healthy.returncode == 0 and healthy.stdout.rstrip().endswith("ok"), healthy.stdout + healthy.stderr
 
 
+def git(folder: Path, *arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_revision_label_names_the_commit_and_whether_the_files_differ_from_it(tmp_path):
+    assert revision(str(tmp_path)) == "unknown" and source(str(tmp_path)) is None
+    git(tmp_path, "init", "--quiet")
+    (tmp_path / "Containerfile").write_text("FROM scratch\n")
+    git(tmp_path, "add", "Containerfile")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "--quiet", "-m", "one")
+    assert revision(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "Containerfile").write_text("FROM scratch\nLABEL x=1\n")
+    assert revision(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD") + "-dirty"
+    git(tmp_path, "remote", "add", "origin", "https://someone:token@example.org/batch.git")
+    assert source(str(tmp_path)) == "https://example.org/batch.git"
+
+
 def test_image_labels_user_and_default_command(podman, image):
     (inspected,) = json.loads(podman("image", "inspect", image).stdout)
     labels = inspected["Config"]["Labels"]
     for key in ("title", "description", "version", "revision", "source", "licenses", "created"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.version"] == batch.__version__
+    created = datetime.datetime.strptime(labels["org.opencontainers.image.created"], "%Y-%m-%dT%H:%M:%SZ")
+    age = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - created
+    assert datetime.timedelta(0) <= age < datetime.timedelta(hours=3), labels["org.opencontainers.image.created"]
+    context = podman.workspace / "context"  # a checkout of this repository's commit, as the image was built from
+    assert git(context, "rev-parse", "HEAD") == git(REPOSITORY, "rev-parse", "HEAD")
+    dirty = "-dirty" if git(context, "status", "--porcelain") else ""
+    assert labels["org.opencontainers.image.revision"] == git(context, "rev-parse", "HEAD") + dirty
+    assert labels["org.opencontainers.image.source"] == "https://pypi.org/project/batch-classify/"  # its origin is a path
     assert inspected["Config"]["User"] == "1000:1000"
     assert f"BATCH_IMAGE_VERSION={batch.__version__}" in inspected["Config"]["Env"]
     assert "Usage: batch" in podman("run", "--rm", image).stdout
