@@ -4,6 +4,7 @@ run the way Apptainer runs it, rebuilt after a code change, and saved for SIF co
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from spython.main.parse.parsers import SingularityParser
 
 import batch
@@ -51,6 +54,50 @@ def test_apptainer_def_is_in_sync_and_parses_back():
     assert f"org.opencontainers.image.version {batch.__version__}\n" in text
     assert "image.created" not in text and "image.revision" not in text  # a committed file cannot know them
     assert "batch/__init__.py" not in text  # copied with batch/ already; listing it too would nest batch/batch
+
+
+CONSTRAINTS = REPOSITORY / "batch" / "constraints.txt"
+PINNED_INSTALL = "/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt /opt/batch/src"
+
+
+def pins() -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in CONSTRAINTS.read_text().splitlines()]
+    assert all("==" in line for line in lines if line), "every constraint is an exact == pin"
+    return {canonicalize_name(name): version for name, version in (line.split("==") for line in lines if line)}
+
+
+def requirement_closure() -> dict[str, list[Requirement]]:
+    """Every distribution that batch's requirements reach on this Python, with the requirements reaching it,
+    from the metadata of what is installed here (batch itself included, extras followed)."""
+    reached: dict[str, list[Requirement]] = {}
+    followed = set()
+    pending = [Requirement("batch-classify")]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        reached.setdefault(name, []).append(requirement)
+        for extra in {"", *requirement.extras} - {extra for known, extra in followed if known == name}:
+            followed.add((name, extra))
+            for line in importlib.metadata.requires(requirement.name) or []:
+                needed = Requirement(line)
+                if needed.marker.evaluate({"extra": extra}) if needed.marker else not extra:
+                    pending.append(needed)
+    return reached
+
+
+def test_constraints_pin_exactly_what_batch_needs_and_both_recipes_install_with_them():
+    pinned, reached = pins(), requirement_closure()
+    del reached["batch-classify"]
+    assert sorted(pinned) == sorted(reached), "pinned but not needed: {}; needed but not pinned: {}".format(
+        sorted(set(pinned) - set(reached)), sorted(set(reached) - set(pinned)))
+    for name, requirements in reached.items():
+        for requirement in requirements:
+            assert requirement.specifier.contains(pinned[name], prereleases=True), f"{requirement} excludes {name}=={pinned[name]}"
+    containerfile = (REPOSITORY / "Containerfile").read_text()
+    assert "COPY batch/__init__.py batch/constraints.txt /opt/batch/src/batch/\n" in containerfile
+    assert containerfile.index(PINNED_INSTALL) < containerfile.index("COPY batch /opt/batch/src/batch")  # cached first
+    sections = definition_sections((REPOSITORY / "apptainer.def").read_text())
+    assert "batch /opt/batch/src/batch" in sections["files"] and PINNED_INSTALL + " && \\" in sections["post"]
 
 
 def test_def_check_names_the_drift(tmp_path):
@@ -94,6 +141,12 @@ def test_the_revision_label_names_the_commit_and_whether_the_files_differ_from_i
     assert revision(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD") + "-dirty"
     git(tmp_path, "remote", "add", "origin", "https://someone:token@example.org/batch.git")
     assert source(str(tmp_path)) == "https://example.org/batch.git"
+
+
+def test_the_image_holds_exactly_the_pinned_versions(podman, image):
+    frozen = podman("run", "--rm", image, "/opt/batch/bin/pip", "freeze", "--all").stdout.splitlines()
+    installed = {canonicalize_name(name): version for name, version in (line.split("==") for line in frozen if "==" in line)}
+    assert {name: installed.get(name) for name in pins()} == pins()
 
 
 def test_image_labels_user_and_default_command(podman, image):
