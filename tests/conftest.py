@@ -106,7 +106,7 @@ def base_image(podman) -> str:
         pytest.skip("set BATCH_TEST_BASE_IMAGE, or run as root with debootstrap installed")
     from tests.podman import debootstrap_base
 
-    return debootstrap_base(podman, "localhost/batch-test-base:bookworm")
+    return debootstrap_base(podman, f"localhost/batch-test-base-{os.getpid()}:bookworm")
 
 
 def build_context(podman) -> Path:
@@ -138,7 +138,7 @@ def build_image(podman, context: Path, tag: str, base_image: str) -> subprocess.
 @pytest.fixture(scope="session")
 def image(podman, base_image) -> str:
     """The real Containerfile, built rootless by `batch image build`."""
-    tag = "localhost/batch-test"
+    tag = f"localhost/batch-test-{os.getpid()}"  # its own: another session's cleanup removes its images by name
     podman.made += [f"{tag}:latest", f"{tag}:{batch.__version__}"]
     started = time.monotonic()
     result = build_image(podman, build_context(podman), tag, base_image)
