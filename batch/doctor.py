@@ -38,15 +38,35 @@ def _driver_version() -> str:
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else result.stderr.strip()
 
 
+def _runtime(env: JobEnvironment) -> str | None:
+    """The container runtime this process runs under, by the marks each leaves: "apptainer", "podman" or None."""
+    if env.env.get("APPTAINER_CONTAINER") or env.env.get("SINGULARITY_CONTAINER"):
+        return "apptainer"
+    if env.env.get("container") == "podman" or os.path.exists("/run/.containerenv"):
+        return "podman"
+    return None
+
+
 def _container(env: JobEnvironment) -> str:
     found = []
     if env.image_version:
         found.append(f"batch image {env.image_version}")
-    if "APPTAINER_CONTAINER" in env.env or "SINGULARITY_CONTAINER" in env.env:
+    runtime = _runtime(env)
+    if runtime == "apptainer":
         found.append(f"Apptainer ({env.env.get('APPTAINER_CONTAINER') or env.env.get('SINGULARITY_CONTAINER')})")
-    if os.path.exists("/run/.containerenv"):
+    elif runtime == "podman":
         found.append("Podman")
     return ", ".join(found) or "none detected"
+
+
+# What hands a container its GPUs, by runtime: the fix the report names when none is visible.
+GPU_REMEDIES = {
+    "apptainer": "Apptainer shows the GPUs only with --nv: run apptainer exec --nv IMAGE ..., "
+                 "or apptainer test --nv IMAGE",
+    "podman": "Podman shows the GPUs only when given them: podman run --device nvidia.com/gpu=N "
+              "(CDI: nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml), or nvidia.com/gpu=all",
+    None: "Check the driver (nvidia-smi) and that this torch build has CUDA",
+}  # fmt: skip
 
 
 def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
@@ -86,10 +106,10 @@ def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
     else:
         lines.append("Slurm: not in a job")
     lines.append(f"container: {_container(env)}")
-    expected = env.gpus_expected() if expect_gpu is None else expect_gpu
+    promise = env.gpus_promised() if expect_gpu is None else "--expect-gpu" if expect_gpu else None
     healthy = all(status == "writable" for status in statuses.values())
-    if expected and not gpus:
-        lines.append("PROBLEM: a GPU was expected but none is visible (--nv for Apptainer? CDI for Podman?)")
+    if promise and not gpus:
+        lines.append(f"PROBLEM: a GPU was expected ({promise}) but none is visible. {GPU_REMEDIES[_runtime(env)]}")
         healthy = False
     lines.append("ok" if healthy else "NOT OK")
     return "\n".join(lines), healthy

@@ -87,16 +87,21 @@ class JobEnvironment:
         except AttributeError:  # not Linux
             return os.cpu_count() or 1
 
-    def gpus_expected(self) -> bool:
-        """Whether the scheduler handed this job GPUs, so a job without a visible one is broken."""
+    def gpus_promised(self) -> str | None:
+        """The variable saying this job was handed GPUs (so a job without a visible one is broken), or None.
+
+        CUDA_VISIBLE_DEVICES counts when it names a device: Slurm sets it with the GPUs it allots, and a
+        container runtime passes it on; empty, -1 or Slurm's NoDevFiles hide every GPU on purpose.
+        """
         for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK"):
             value = self.env.get(name, "").strip()
             if value and value not in ("0", "none"):
-                return True
-        for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-            if self.env.get(name, "").strip():
-                return True
-        return False
+                return f"{name}={value}"
+        for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
+            value = self.env.get(name, "").strip()
+            if value and value != "NoDevFiles" and not value.startswith("-"):
+                return f"{name}={value}"
+        return None
 
     def shard(self) -> Shard | None:
         """The shard a Slurm array task (times the srun task within it) should take, or None outside Slurm.

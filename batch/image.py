@@ -6,6 +6,8 @@ ENV values are not exported during %post, USER becomes `su -` in %post, %files e
 layering splits would nest inside each other, and the runscript `cd`s into WORKDIR, where
 Apptainer users expect their own working directory. The runscript is the one Apptainer makes when it
 converts the OCI image, ENTRYPOINT with the arguments or else CMD, so both routes to a SIF run alike.
+The labels only a build knows (its time and commit) are left out of the definition,
+where they would be frozen at the day it was written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ The batch image classifier (batch {version}).
 Bind your data and scratch folders (--bind /data,/scratch); with --cleanenv, forward
 CUDA_VISIBLE_DEVICES and the SLURM_* variables as APPTAINERENV_*."""
 
+# Labels whose values only a build knows: a committed apptainer.def cannot hold them (Apptainer records
+# its own build time, org.label-schema.build-date).
+BUILD_LABELS = ("org.opencontainers.image.created", "org.opencontainers.image.revision")
+
+# %test: `apptainer test` keeps the caller's environment, so doctor sees what the job was allotted.
+TEST = """\
+# In a job that was allotted GPUs (SLURM_JOB_GPUS, CUDA_VISIBLE_DEVICES...) this fails unless they
+# are visible: apptainer test --nv classify.sif
+exec batch doctor"""
+
 
 class ImageError(RuntimeError):
     """A container tool is missing or failed; the message says which and how."""
@@ -42,21 +54,39 @@ def _run(command: list[str]) -> None:
         raise ImageError(f"{shlex.join(command)} failed with exit status {result.returncode}")
 
 
-def _git_revision(folder: str) -> str:
+def _git(folder: str, *arguments: str) -> str | None:
+    """A git command's output in `folder`; None where git is missing or the folder is not a checkout."""
     try:
-        result = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        result = subprocess.run(["git", "-C", folder, *arguments], capture_output=True, text=True, check=False)
     except FileNotFoundError:
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def revision(folder: str) -> str:
+    """The commit the build context is at, with "-dirty" when its files differ from it; "unknown" outside git."""
+    commit = _git(folder, "rev-parse", "--verify", "HEAD")
+    if not commit:
         return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    changes = _git(folder, "status", "--porcelain", "--", ".")
+    return commit if changes == "" else f"{commit}-dirty"
+
+
+def source(folder: str) -> str | None:
+    """The https URL of the checkout's origin, credentials removed; None leaves the Containerfile's default."""
+    url = _git(folder, "remote", "get-url", "origin") or ""
+    return re.sub(r"^https://[^/@]*@", "https://", url) if url.startswith("https://") else None
 
 
 def build_command(context: str, containerfile: str, tag: str, base_image: str | None, extra: tuple[str, ...]) -> list[str]:
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = ["podman", "build", "-f", containerfile, "-t", f"{tag}:{batch.__version__}", "-t", f"{tag}:latest",
-               "--build-arg", f"VERSION={batch.__version__}", "--build-arg", f"REVISION={_git_revision(context)}",
-               "--build-arg", f"CREATED={created}"]  # fmt: skip
-    if base_image:
-        command += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    """podman build, with the OCI labels' values as build arguments (the Containerfile's LABEL takes them)."""
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # RFC 3339, UTC
+    arguments = {"VERSION": batch.__version__, "REVISION": revision(context), "CREATED": created,
+                 "SOURCE": source(context), "BASE_IMAGE": base_image}  # fmt: skip
+    command = ["podman", "build", "-f", containerfile, "-t", f"{tag}:{batch.__version__}", "-t", f"{tag}:latest"]
+    for name, value in arguments.items():
+        if value:
+            command += ["--build-arg", f"{name}={value}"]
     return [*command, *extra, context]
 
 
@@ -135,7 +165,8 @@ def definition(containerfile: str = "Containerfile") -> str:
     for (line,) in recipe.labels:
         key, _, quoted = line.rstrip(" \\").partition("=")
         value = quoted.strip('"')
-        labels.append(f"{key} {_substitute(value, values)}")
+        if key not in BUILD_LABELS:
+            labels.append(f"{key} {_substitute(value, values)}")
     post = []
     for line in recipe.install:
         name = line.split("=", 1)[0]
@@ -151,7 +182,7 @@ def definition(containerfile: str = "Containerfile") -> str:
     text = re.sub(r"\n%startscript\n.*?(?=\n%|\Z)", "", text, flags=re.S)
     text = re.sub(r"\nStage: spython-base\n+", "\n\n", text).lstrip()
     header = f"# Generated from {os.path.basename(containerfile)} by `batch image def`; do not edit by hand.\n"
-    extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\nbatch doctor\n"
+    extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\n{TEST}\n"
     return header + text.rstrip() + "\n" + extras
 
 

@@ -20,7 +20,9 @@
 # Runtime, chosen by BATCH_RUNTIME:
 #   apptainer (default)  apptainer exec --nv --cleanenv with the SIF named by BATCH_SIF
 #   podman               podman run with the image named by BATCH_IMAGE (default classify:latest);
-#                        GPUs through CDI, BATCH_PODMAN_DEVICES (default nvidia.com/gpu=all, empty: none)
+#                        GPUs through CDI: nvidia.com/gpu=N for each GPU Slurm allotted (none in a job
+#                        without GPUs, all outside Slurm), or BATCH_PODMAN_DEVICES (comma-separated;
+#                        empty: none)
 #   none                 the `batch` on PATH
 # BATCH_BIND: more paths to bind, comma-separated (the folders a manifest's images live in).
 # BATCH_STEP: classify (default); index, pending and summary are slurm/submit.sh's. The summary step
@@ -91,12 +93,19 @@ IFS=',' read -r -a extra <<<"${BATCH_BIND:-}"
 read_only+=("${extra[@]}")
 
 # What batch reads from the environment: the shard (array and srun variables), GPUs, CPUs, caches.
+# CUDA_VISIBLE_DEVICES is the runtime's own (below).
 forwarded=()
-for name in CUDA_VISIBLE_DEVICES TORCH_HOME SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID \
+for name in TORCH_HOME SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID \
     SLURM_ARRAY_TASK_MIN SLURM_ARRAY_TASK_MAX SLURM_ARRAY_TASK_STEP SLURM_ARRAY_TASK_COUNT \
     SLURM_PROCID SLURM_NTASKS SLURM_CPUS_PER_TASK SLURMD_NODENAME SLURM_JOB_GPUS SLURM_GPUS_ON_NODE; do
     [[ -n ${!name:-} ]] && forwarded+=("$name=${!name}")
 done
+
+# The GPUs Slurm allotted, by their indices on the node: SLURM_STEP_GPUS in an srun step, SLURM_JOB_GPUS in
+# the batch step. CUDA_VISIBLE_DEVICES is not that: where Slurm constrains devices (cgroups) it numbers
+# the allotted GPUs from 0, as CUDA in the job sees them.
+IFS=',' read -r -a allotted <<<"${SLURM_STEP_GPUS:-${SLURM_JOB_GPUS:-}}"
+visible=${CUDA_VISIBLE_DEVICES:-} # CUDA_VISIBLE_DEVICES inside the container
 
 # Options both container runtimes take; $1 is the runtime's flag for a bind mount. A folder both read
 # and written (the pending step's manifest beside its to-do list) is bound once, writable.
@@ -111,18 +120,27 @@ container_options() {
         if ! is_writable "$path"; then options+=("$1" "$path:$path:ro"); fi
     done
     for path in "${writable[@]}"; do options+=("$1" "$path:$path"); done
-    for pair in "${forwarded[@]}"; do options+=(--env "$pair"); done
+    for pair in "${forwarded[@]}" ${visible:+"CUDA_VISIBLE_DEVICES=$visible"}; do options+=(--env "$pair"); done
 }
 
 case $runtime in
-    apptainer)
+    apptainer) # --nv binds the node's GPUs; CUDA there sees what it sees here: Slurm's numbering holds
         : "${BATCH_SIF:?set BATCH_SIF to the SIF image (batch image sif), or BATCH_RUNTIME=podman|none}"
         container_options --bind
         launcher=(apptainer exec --nv --cleanenv "${options[@]}" "$BATCH_SIF")
         ;;
-    podman)
+    podman) # the container gets exactly the allotted GPUs (CDI names them by node index) and numbers them from 0
+        if [[ -n ${BATCH_PODMAN_DEVICES+set} ]]; then
+            IFS=',' read -r -a cdi <<<"$BATCH_PODMAN_DEVICES"
+        elif ((${#allotted[@]})); then
+            cdi=("${allotted[@]/#/nvidia.com/gpu=}")
+            visible=$(seq -s, 0 $((${#allotted[@]} - 1)))
+        elif [[ -n ${SLURM_JOB_ID:-} ]]; then
+            cdi=() # a job without GPUs
+        else
+            cdi=(nvidia.com/gpu=all)
+        fi
         container_options --volume
-        IFS=',' read -r -a cdi <<<"${BATCH_PODMAN_DEVICES-nvidia.com/gpu=all}"
         for device in "${cdi[@]}"; do options+=(--device "$device"); done
         launcher=(podman run --rm "--userns=keep-id:uid=1000,gid=1000" "${options[@]}"
             "${BATCH_IMAGE:-classify:latest}")

@@ -136,20 +136,24 @@ def base_image(podman) -> str:
         pytest.skip("set BATCH_TEST_BASE_IMAGE, or run as root with debootstrap installed")
     from tests.podman import debootstrap_base
 
-    return debootstrap_base(podman, "localhost/batch-test-base:bookworm")
+    return debootstrap_base(podman, f"localhost/batch-test-base-{os.getpid()}:bookworm")
 
 
 def build_context(podman) -> Path:
-    """The files git would commit, copied where the rootless user can read them."""
+    """A checkout of this repository's commit holding the files git would commit as they are now, so the
+    image's revision label has a commit to name. Root keeps it (git refuses a checkout another user owns);
+    the rootless user only reads it."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPOSITORY, capture_output=True,
                             check=True).stdout.decode().split("\0")  # fmt: skip
     context = podman.workspace / "context"
     shutil.rmtree(context, ignore_errors=True)
+    subprocess.run(["git", "clone", "--quiet", "--no-checkout", "--depth=1", f"file://{REPOSITORY}", str(context)], check=True)
+    subprocess.run(["git", "-C", str(context), "reset", "--quiet"], check=True)  # the index at HEAD, no files yet
     for name in filter(None, listed):
         if (REPOSITORY / name).is_file():
             (context / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPOSITORY / name, context / name)
-    return podman.give(context)
+    return context
 
 
 def build_image(podman, context: Path, tag: str, base_image: str) -> subprocess.CompletedProcess:
@@ -164,7 +168,7 @@ def build_image(podman, context: Path, tag: str, base_image: str) -> subprocess.
 @pytest.fixture(scope="session")
 def image(podman, base_image) -> str:
     """The real Containerfile, built rootless by `batch image build`."""
-    tag = "localhost/batch-test"
+    tag = f"localhost/batch-test-{os.getpid()}"  # its own: another session's cleanup removes its images by name
     podman.made += [f"{tag}:latest", f"{tag}:{batch.__version__}"]
     started = time.monotonic()
     result = build_image(podman, build_context(podman), tag, base_image)

@@ -84,7 +84,32 @@ def test_doctor_is_healthy_here_and_fails_when_slurm_promised_a_gpu_it_cannot_se
     if torch.cuda.is_available():
         assert in_job.returncode == 0 and "GPU 0:" in in_job.stdout
     else:
-        assert in_job.returncode == 1 and "a GPU was expected but none is visible" in in_job.stdout
+        assert in_job.returncode == 1 and "a GPU was expected (SLURM_JOB_GPUS=0) but none is visible" in in_job.stdout
+
+
+@pytest.mark.parametrize("promise, runtime, remedy", [
+    ("SLURM_JOB_GPUS=1", {"APPTAINER_CONTAINER": "/scratch/classify.sif"}, "apptainer test --nv IMAGE"),
+    ("SLURM_STEP_GPUS=0,1", {"SINGULARITY_CONTAINER": "/scratch/classify.sif"}, "apptainer exec --nv IMAGE"),
+    ("SLURM_GPUS_ON_NODE=1", {"container": "podman"}, "podman run --device nvidia.com/gpu=N"),
+    ("SLURM_JOB_GPUS=0", {}, "Check the driver (nvidia-smi)"),
+])  # fmt: skip
+def test_doctor_names_what_hands_the_gpus_to_the_container_it_runs_in(promise, runtime, remedy):
+    """CUDA_VISIBLE_DEVICES empty hides any GPU this machine has, as a container without its GPUs would."""
+    name, value = promise.split("=")
+    result = run_batch("doctor", env={name: value, "CUDA_VISIBLE_DEVICES": "", **runtime}, check=False)
+    assert result.returncode == 1, result.stdout
+    problem = next(line for line in result.stdout.splitlines() if line.startswith("PROBLEM: "))
+    assert problem.startswith(f"PROBLEM: a GPU was expected ({promise}) but none is visible. ") and remedy in problem
+
+
+def test_doctor_takes_a_device_in_cuda_visible_devices_as_a_promise_and_not_an_empty_one():
+    named = run_batch("doctor", env={"CUDA_VISIBLE_DEVICES": "0"}, check=False)
+    if torch.cuda.is_available():
+        assert named.returncode == 0 and "GPU 0:" in named.stdout
+    else:
+        assert named.returncode == 1 and "a GPU was expected (CUDA_VISIBLE_DEVICES=0)" in named.stdout
+    for hidden in ("", "-1", "NoDevFiles"):
+        assert run_batch("doctor", env={"CUDA_VISIBLE_DEVICES": hidden}).stdout.rstrip().endswith("ok"), hidden
 
 
 def test_doctor_names_a_cache_it_cannot_write(tmp_path):

@@ -3,6 +3,8 @@ run the way Apptainer runs it, rebuilt after a code change, and saved for SIF co
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
 import re
@@ -14,10 +16,12 @@ import tarfile
 import time
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from spython.main.parse.parsers import SingularityParser
 
 import batch
-from batch.image import check_definition
+from batch.image import check_definition, revision, source
 from tests.conftest import REPOSITORY, build_context, build_image, read_rows, run_batch
 
 
@@ -45,9 +49,54 @@ def test_apptainer_def_is_in_sync_and_parses_back():
     assert "export PIP_NO_CACHE_DIR=1" in post
     assert f"BATCH_IMAGE_VERSION={batch.__version__}" in stage.environ
     text = (REPOSITORY / "apptainer.def").read_text()
-    assert '%runscript\n[ "$#" -gt 0 ] || set -- --help\nexec batch "$@"\n' in text and "%test\nbatch doctor\n" in text and "%help\n" in text
+    assert '%runscript\n[ "$#" -gt 0 ] || set -- --help\nexec batch "$@"\n' in text and "%help\n" in text
     assert f"org.opencontainers.image.version {batch.__version__}\n" in text
+    assert "image.created" not in text and "image.revision" not in text  # a committed file cannot know them
     assert "batch/__init__.py" not in text  # copied with batch/ already; listing it too would nest batch/batch
+
+
+CONSTRAINTS = REPOSITORY / "batch" / "constraints.txt"
+PINNED_INSTALL = "/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt /opt/batch/src"
+
+
+def pins() -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in CONSTRAINTS.read_text().splitlines()]
+    assert all("==" in line for line in lines if line), "every constraint is an exact == pin"
+    return {canonicalize_name(name): version for name, version in (line.split("==") for line in lines if line)}
+
+
+def requirement_closure() -> dict[str, list[Requirement]]:
+    """Every distribution that batch's requirements reach on this Python, with the requirements reaching it,
+    from the metadata of what is installed here (batch itself included, extras followed)."""
+    reached: dict[str, list[Requirement]] = {}
+    followed = set()
+    pending = [Requirement("batch-classify")]
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        reached.setdefault(name, []).append(requirement)
+        for extra in {"", *requirement.extras} - {extra for known, extra in followed if known == name}:
+            followed.add((name, extra))
+            for line in importlib.metadata.requires(requirement.name) or []:
+                needed = Requirement(line)
+                if needed.marker.evaluate({"extra": extra}) if needed.marker else not extra:
+                    pending.append(needed)
+    return reached
+
+
+def test_constraints_pin_exactly_what_batch_needs_and_both_recipes_install_with_them():
+    pinned, reached = pins(), requirement_closure()
+    del reached["batch-classify"]
+    assert sorted(pinned) == sorted(reached), "pinned but not needed: {}; needed but not pinned: {}".format(
+        sorted(set(pinned) - set(reached)), sorted(set(reached) - set(pinned)))
+    for name, requirements in reached.items():
+        for requirement in requirements:
+            assert requirement.specifier.contains(pinned[name], prereleases=True), f"{requirement} excludes {name}=={pinned[name]}"
+    containerfile = (REPOSITORY / "Containerfile").read_text()
+    assert "COPY batch/__init__.py batch/constraints.txt /opt/batch/src/batch/\n" in containerfile
+    assert containerfile.index(PINNED_INSTALL) < containerfile.index("COPY batch /opt/batch/src/batch")  # cached first
+    sections = definition_sections((REPOSITORY / "apptainer.def").read_text())
+    assert "batch /opt/batch/src/batch" in sections["files"] and PINNED_INSTALL + " && \\" in sections["post"]
 
 
 def test_def_check_names_the_drift(tmp_path):
@@ -60,6 +109,43 @@ def test_def_check_names_the_drift(tmp_path):
     assert result.returncode == 1 and "+export EXTRA=1" in result.stderr and "out of date" in result.stderr
     run_batch("image", "def", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
     run_batch("image", "def", "--check", "-f", tmp_path / "Containerfile", "-o", tmp_path / "apptainer.def")
+    sections = definition_sections((tmp_path / "apptainer.def").read_text())
+    assert sections["test"][-1] == "exec batch doctor" and "apptainer test --nv" in "\n".join(sections["test"])
+
+
+def test_the_def_test_section_fails_without_the_gpus_a_job_was_allotted_and_names_nv(podman, image):
+    """%test run in the image as `apptainer test` runs it in a GPU job, without --nv: no GPU inside."""
+    script = "\n".join(definition_sections((REPOSITORY / "apptainer.def").read_text())["test"])
+    allotted = ["--env", "APPTAINER_CONTAINER=/scratch/classify.sif", "--env", "SLURM_JOB_ID=7", "--env", "SLURM_JOB_GPUS=1"]
+    result = podman("run", "--rm", "--entrypoint", "sh", *allotted, image, "-c", script, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and "PROBLEM: a GPU was expected (SLURM_JOB_GPUS=1) but none is visible" in said, said
+    assert "apptainer test --nv IMAGE" in said and "container: batch image" in said, said
+    healthy = podman("run", "--rm", "--entrypoint", "sh", image, "-c", script, check=False)  # no GPU promised
+    assert healthy.returncode == 0 and healthy.stdout.rstrip().endswith("ok"), healthy.stdout + healthy.stderr
+
+
+def git(folder: Path, *arguments: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_revision_label_names_the_commit_and_whether_the_files_differ_from_it(tmp_path):
+    assert revision(str(tmp_path)) == "unknown" and source(str(tmp_path)) is None
+    git(tmp_path, "init", "--quiet")
+    (tmp_path / "Containerfile").write_text("FROM scratch\n")
+    git(tmp_path, "add", "Containerfile")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "--quiet", "-m", "one")
+    assert revision(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "Containerfile").write_text("FROM scratch\nLABEL x=1\n")
+    assert revision(str(tmp_path)) == git(tmp_path, "rev-parse", "HEAD") + "-dirty"
+    git(tmp_path, "remote", "add", "origin", "https://someone:token@example.org/batch.git")
+    assert source(str(tmp_path)) == "https://example.org/batch.git"
+
+
+def test_the_image_holds_exactly_the_pinned_versions(podman, image):
+    frozen = podman("run", "--rm", "--entrypoint", "/opt/batch/bin/pip", image, "freeze", "--all").stdout.splitlines()
+    installed = {canonicalize_name(name): version for name, version in (line.split("==") for line in frozen if "==" in line)}
+    assert {name: installed.get(name) for name in pins()} == pins()
 
 
 def test_image_labels_user_and_default_command(podman, image):
@@ -68,6 +154,13 @@ def test_image_labels_user_and_default_command(podman, image):
     for key in ("title", "description", "version", "revision", "source", "licenses", "created"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.version"] == batch.__version__
+    created = datetime.datetime.strptime(labels["org.opencontainers.image.created"], "%Y-%m-%dT%H:%M:%SZ")
+    age = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) - created
+    assert datetime.timedelta(0) <= age < datetime.timedelta(hours=3), labels["org.opencontainers.image.created"]
+    context = podman.workspace / "context"  # a checkout of this repository's commit, as the image was built from
+    dirty = "-dirty" if git(context, "status", "--porcelain") else ""
+    assert labels["org.opencontainers.image.revision"] == git(context, "rev-parse", "HEAD") + dirty
+    assert labels["org.opencontainers.image.source"] == "https://pypi.org/project/batch-classify/"  # its origin is a path
     assert inspected["Config"]["User"] == "1000:1000"
     assert f"BATCH_IMAGE_VERSION={batch.__version__}" in inspected["Config"]["Env"]
     assert "Usage: batch" in podman("run", "--rm", image).stdout

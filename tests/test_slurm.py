@@ -151,6 +151,52 @@ def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image):
     assert_every_input_once(folder / "out", inputs)
 
 
+# A stand-in for podman and apptainer: it logs its arguments, and holds its GPU until the other task of
+# the test has logged too, so that both run at once and Slurm cannot hand them the same GPU.
+FAKE_RUNTIME = """echo "$*" >>"$FAKE_LOG"
+for _ in $(seq 600); do (($(wc -l <"$FAKE_LOG") >= 2)) && exit 0; sleep 0.1; done
+exit 1
+"""
+
+
+def gpu_options(line: str) -> tuple[list[str], list[str]]:
+    """The --device arguments and the CUDA_VISIBLE_DEVICES a runtime was given."""
+    return re.findall(r"--device (\S+)", line), re.findall(r"--env CUDA_VISIBLE_DEVICES=(\S+)", line)
+
+
+@pytest.mark.parametrize("runtime", ["podman", "apptainer"])
+def test_two_tasks_on_one_node_get_their_own_gpu_in_the_container(cluster, tmp_path, runtime):
+    """The test node has two GPUs and no device cgroups: Slurm numbers them by node index, as CDI does."""
+    fake_bin, log = fakes(tmp_path / "bin", podman=FAKE_RUNTIME, apptainer=FAKE_RUNTIME)
+    env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log), BATCH_RUNTIME=runtime,
+                  BATCH_SIF="classify.sif")  # fmt: skip
+    array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(tmp_path), str(tmp_path / "out"), cwd=tmp_path, env=env)
+    states = cluster.wait_until_done([f"{array}_0", f"{array}_1"])
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{log.read_text()}"
+    given = sorted(gpu_options(line) for line in log.read_text().splitlines())
+    if runtime == "podman":  # each its own device, seen in the container as CUDA device 0
+        assert given == [(["nvidia.com/gpu=0"], ["0"]), (["nvidia.com/gpu=1"], ["0"])], log.read_text()
+    else:  # --nv binds every device; CUDA_VISIBLE_DEVICES picks the task's own
+        assert given == [([], ["0"]), ([], ["1"])], log.read_text()
+
+
+@pytest.mark.parametrize("variables, devices, visible", [
+    ({"SLURM_JOB_GPUS": "2,3", "CUDA_VISIBLE_DEVICES": "0,1"}, ["nvidia.com/gpu=2", "nvidia.com/gpu=3"], ["0,1"]),
+    ({"SLURM_JOB_GPUS": "2", "SLURM_STEP_GPUS": "3", "CUDA_VISIBLE_DEVICES": "0"}, ["nvidia.com/gpu=3"], ["0"]),
+    ({"SLURM_JOB_GPUS": "2", "BATCH_PODMAN_DEVICES": "nvidia.com/gpu=5", "CUDA_VISIBLE_DEVICES": "1"}, ["nvidia.com/gpu=5"], ["1"]),
+    ({"SLURM_JOB_GPUS": "2", "BATCH_PODMAN_DEVICES": ""}, [], []),
+    ({}, [], []),  # a job without GPUs
+    ({"SLURM_JOB_ID": ""}, ["nvidia.com/gpu=all"], []),  # outside Slurm
+])  # fmt: skip
+def test_podman_gets_the_gpus_slurm_allotted_by_their_node_index(tmp_path, variables, devices, visible):
+    """Where Slurm constrains devices, CUDA_VISIBLE_DEVICES counts from 0 and SLURM_*_GPUS keep node indices."""
+    fake_bin, log = fakes(tmp_path / "bin", podman='echo "$*" >>"$FAKE_LOG"\n')
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE_LOG": str(log), "BATCH_RUNTIME": "podman",
+           "SLURM_JOB_ID": "7", **variables}  # fmt: skip
+    subprocess.run(["bash", CLASSIFY, str(tmp_path), str(tmp_path / "out")], env=env, check=True, capture_output=True)
+    assert gpu_options(log.read_text()) == (devices, visible)
+
+
 # A stand-in for batch, for the signal tests: it logs its start and each signal, and exits 75 on one,
 # as batch does (FAKE_CATCH=no: the signal kills it, as before batch installs its handlers); else
 # FAKE_STATUS after FAKE_SECONDS. Its exit ignores signals, so its status is known, and can send the
