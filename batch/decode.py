@@ -79,23 +79,25 @@ def decode(index: int, path: str, preprocess: Preprocess, member: Found | None =
         handle = _open_regular_file(path) if member is None else io.BytesIO(_read_member(member))
     except _Unreadable as problem:
         return Decoded(index, error=str(problem))
-    try:
-        with handle, Image.open(handle) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                return Decoded(index, error=_too_large(width, height))
-            pixels, (width, height) = _preprocess(image, preprocess)
-    except Image.DecompressionBombError:
-        return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
-    except UnidentifiedImageError:
-        return Decoded(index, error=_not_an_image(_head(path, member)))
-    except OSError as error:
-        message = str(error)
-        if "truncated" in message or "broken data stream" in message:
-            return Decoded(index, error=f"truncated: {message}")
-        return Decoded(index, error=f"decode error: {message or type(error).__name__}")
-    except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
-        return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
+    with handle:  # kept open past a failed decode, whose first bytes say what the file is instead
+        try:
+            with Image.open(handle) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    return Decoded(index, error=_too_large(width, height))
+                pixels, (width, height) = _preprocess(image, preprocess)
+        except Image.DecompressionBombError:
+            return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
+        except UnidentifiedImageError:
+            handle.seek(0)
+            return Decoded(index, error=_not_an_image(handle.read(512)))
+        except OSError as error:
+            message = str(error)
+            if "truncated" in message or "broken data stream" in message:
+                return Decoded(index, error=f"truncated: {message}")
+            return Decoded(index, error=f"decode error: {message or type(error).__name__}")
+        except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
+            return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
     return Decoded(index, pixels, width, height)
 
 
@@ -140,13 +142,6 @@ def _os_error(error: OSError) -> str:
     if error.errno in (errno.EACCES, errno.EPERM):
         return "permission denied: the file cannot be read"
     return f"read error: {error.strerror or error}"
-
-
-def _head(path: str, member: Found | None) -> bytes:
-    if member is not None:
-        return _members.read(member)[:512]
-    with open(path, "rb") as handle:
-        return handle.read(512)
 
 
 def _not_an_image(head: bytes) -> str:
