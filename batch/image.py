@@ -7,7 +7,8 @@ layering splits would nest inside each other, and the runscript `cd`s into WORKD
 Apptainer users expect their own working directory. The runscript is the one Apptainer makes when it
 converts the OCI image, ENTRYPOINT with the arguments or else CMD, so both routes to a SIF run alike.
 The labels only a build knows (its time and commit) are left out of the definition,
-where they would be frozen at the day it was written.
+where they would be frozen at the day it was written. The header names its base through build arguments
+that default to the Containerfile's pinned image, so a build node without a registry can start from a file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ CUDA_VISIBLE_DEVICES and the SLURM_* variables as APPTAINERENV_*."""
 # Labels whose values only a build knows: a committed apptainer.def cannot hold them (Apptainer records
 # its own build time, org.label-schema.build-date).
 BUILD_LABELS = ("org.opencontainers.image.created", "org.opencontainers.image.revision")
+
+# The header takes the base from build arguments, the Containerfile's pinned image by default, so a build
+# node without registry access builds from a file: --build-arg BOOTSTRAP=docker-archive --build-arg
+# BASE_IMAGE=python.tar (`podman save` or `docker save` of that image), or BOOTSTRAP=localimage with a SIF.
+BASE = """\
+Bootstrap: {{{{ BOOTSTRAP }}}}
+From: {{{{ BASE_IMAGE }}}}
+
+%arguments
+BOOTSTRAP=docker
+BASE_IMAGE={image}
+"""
 
 # %test: `apptainer test` keeps the caller's environment, so doctor sees what the job was allotted.
 TEST = """\
@@ -159,6 +172,7 @@ def definition(containerfile: str = "Containerfile") -> str:
     if len(stages) != 1:
         raise ImageError(f"{containerfile} has {len(stages)} stages; the definition supports one")
     (recipe,) = stages.values()
+    base = recipe.fromHeader  # ARG values substituted
     values = _arguments(containerfile)
     environment = {line.split("=", 1)[0]: _substitute(line, values) for line in recipe.environ}
     labels = []
@@ -181,6 +195,7 @@ def definition(containerfile: str = "Containerfile") -> str:
     text = re.sub(r"%runscript\n.*?(?=\n%|\Z)", lambda _match: f"%runscript\n{runscript}", text, flags=re.S)
     text = re.sub(r"\n%startscript\n.*?(?=\n%|\Z)", "", text, flags=re.S)
     text = re.sub(r"\nStage: spython-base\n+", "\n\n", text).lstrip()
+    text = re.sub(r"\ABootstrap: docker\nFrom: [^\n]*\n", lambda _match: BASE.format(image=base), text)
     header = f"# Generated from {os.path.basename(containerfile)} by `batch image def`; do not edit by hand.\n"
     extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\n{TEST}\n"
     return header + text.rstrip() + "\n" + extras

@@ -94,19 +94,21 @@ def start() -> Podman:
     runtime = Path(f"/tmp/batch-ci-runtime-{user.pw_uid}")
     runtime.mkdir(mode=0o700, exist_ok=True)
     os.chown(runtime, user.pw_uid, user.pw_gid)
-    wrapper_dir = Path(tempfile.mkdtemp(prefix="batch-podman-bin-"))
-    os.chmod(wrapper_dir, 0o755)
-    wrapper = wrapper_dir / "podman"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"exec runuser -u {ROOTLESS_USER} -- env HOME={user.pw_dir} XDG_RUNTIME_DIR={runtime} "
-        f"{shutil.which('podman')} \"$@\"\n"
-    )
-    wrapper.chmod(0o755)
+    wrapper_dir = write_wrapper("podman", f"exec runuser -u {ROOTLESS_USER} -- env HOME={user.pw_dir} "
+                                          f"XDG_RUNTIME_DIR={runtime} {shutil.which('podman')} \"$@\"")  # fmt: skip
     workspace = Path(tempfile.mkdtemp(prefix="batch-podman-"))
     os.chmod(workspace, 0o755)
     os.chown(workspace, user.pw_uid, user.pw_gid)
     return Podman(workspace, wrapper_dir, (user.pw_uid, user.pw_gid))
+
+
+def write_wrapper(command: str, body: str) -> Path:
+    """A new folder, readable by every user, holding a shell script named `command`: put it first on PATH."""
+    folder = Path(tempfile.mkdtemp(prefix=f"batch-{command}-bin-"))
+    os.chmod(folder, 0o755)
+    (folder / command).write_text(f"#!/bin/sh\n# {command} as the tests need it (tests/{command}.py)\n{body}\n")
+    (folder / command).chmod(0o755)
+    return folder
 
 
 def debootstrap_base(podman: Podman, tag: str) -> str:

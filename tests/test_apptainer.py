@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 import batch
-from tests.conftest import FAST, REPOSITORY, read_rows, run_batch
+from tests.conftest import FAST, REPOSITORY, build_context, read_rows, run_batch
 from tests.images import small_images
 from tests.test_container import data_folder
 from batch.environment import Shard
-from tests.test_slurm import CLASSIFY, SMALL_TASKS, SUBMIT, assert_every_input_once, sbatch, wait_for_part
+from tests.test_slurm import SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array, wait_for_part
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,29 @@ def sif(podman, image, apptainer) -> Path:
     return folder / "classify.sif"
 
 
-def readme_apptainer_lines() -> list[str]:
+def readme_apptainer_lines(command: str = "exec|run") -> list[str]:
     text = (REPOSITORY / "README.md").read_text()
-    return [line.split("  #")[0].strip() for line in text.splitlines() if re.match(r"apptainer (exec|run) ", line)]
+    return [line.split("  #")[0].strip() for line in text.splitlines() if re.match(rf"apptainer ({command}) ", line)]
+
+
+@pytest.fixture(scope="module")
+def def_sif(podman, base_image, apptainer) -> Path:
+    """The README's offline build line, `apptainer build` of apptainer.def with the base from a file, run as
+    written in a checkout but for its paths: python.tar is the test's base image saved by Podman. No
+    container registry is asked; %post installs the pinned packages from PyPI, as the Podman build does."""
+    (line,) = [line for line in readme_apptainer_lines("build") if "--build-arg" in line]
+    folder = podman.workspace / "sif-def"
+    folder.mkdir()
+    podman.give(folder)
+    podman("save", "--format", "docker-archive", "-o", str(folder / "python.tar"), base_image)
+    words = [re.sub(r"=python\.tar$", f"={folder / 'python.tar'}", word) for word in shlex.split(line)]
+    words[words.index("classify.sif")] = str(folder / "classify.sif")
+    started = time.monotonic()
+    built = apptainer(*words[1:], cwd=build_context(podman), env=apptainer.build_env(), timeout=3000)
+    print(f"apptainer build from apptainer.def: {time.monotonic() - started:.0f} s")
+    assert "Running post scriptlet" in built.stderr and "docker.io" not in built.stdout + built.stderr
+    (folder / "python.tar").unlink()
+    return folder / "classify.sif"
 
 
 def test_readme_apptainer_lines_work_as_written(apptainer, sif, podman, photos):
@@ -87,6 +107,23 @@ def test_runs_read_only_as_another_user_contained_without_network(apptainer, sif
     assert written.returncode != 0 and "Read-only file system" in written.stderr
 
 
+def test_a_sif_built_from_the_def_holds_and_does_what_the_converted_one_does(apptainer, sif, def_sif, podman, photos):
+    """The two routes to a SIF: the same batch, the same packages, the same runscript, the same predictions."""
+    for arguments in [["--version"], [], ["pending", "--help"], ["classify", "--help"]]:
+        assert apptainer("run", str(def_sif), *arguments).stdout == apptainer("run", str(sif), *arguments).stdout
+    freeze = {image: apptainer("exec", str(image), "pip", "freeze").stdout for image in (sif, def_sif)}
+    assert freeze[sif] == freeze[def_sif] and "torch==2.14.1" in freeze[sif]
+    folder = data_folder(podman, photos)
+    predictions = {}
+    for name, image in [("converted", sif), ("def", def_sif)]:
+        apptainer("exec", "--bind", str(folder), str(image), "batch", "classify", str(folder / "images"),
+                  "-o", str(folder / "out" / name))  # fmt: skip
+        rows = read_rows(folder / "out" / name)
+        predictions[name] = {Path(row["path"]).name: (row["label"], row["score"], row["error"]) for row in rows}
+    assert predictions["converted"] == predictions["def"] and len(predictions["def"]) == 4
+    assert predictions["def"]["coffee.jpg"][0] == "espresso"
+
+
 def test_labels_are_readable_with_apptainer_inspect(apptainer, sif):
     labels = json.loads(apptainer("inspect", "--json", "--labels", str(sif)).stdout)["data"]["attributes"]["labels"]
     assert labels["org.opencontainers.image.version"] == batch.__version__
@@ -95,22 +132,10 @@ def test_labels_are_readable_with_apptainer_inspect(apptainer, sif):
 
 def test_apptainer_is_the_default_runtime_of_the_slurm_script(cluster, apptainer, sif, podman):
     """An array job with no BATCH_RUNTIME: each task runs `apptainer exec --nv --cleanenv` on the SIF."""
-    folder = podman.workspace / "slurm-apptainer"
-    inputs = small_images(folder / "in", 12)
-    (folder / "out").mkdir()
-    podman.give(folder)
-    env = {**apptainer.env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "BATCH_SIF": str(sif)}
+    env = apptainer.env()
     env.pop("BATCH_RUNTIME", None)
-    array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(folder / "in"), str(folder / "out"), *FAST,
-                   cwd=folder, env=env)  # fmt: skip
-    states = cluster.wait_until_done([f"{array}_0", f"{array}_1"])
-    logs = "".join(path.read_text() for path in folder.glob("classify-*.out"))
-    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
+    logs = run_container_array(cluster, podman, podman.workspace / "slurm-apptainer", {**env, "BATCH_SIF": str(sif)})
     assert "apptainer exec --nv --cleanenv" in logs
-    assert_every_input_once(folder / "out", inputs)
-    first_buckets = {part.name.split("-")[1] for part in (folder / "out").glob("part-*.parquet")}
-    assert len(first_buckets) == 2, "each array task wrote its own shard"
-
 
 
 def test_submit_and_a_requeue_with_the_default_runtime(cluster, apptainer, sif, podman):

@@ -136,19 +136,27 @@ def test_the_summary_job_runs_after_failed_tasks_and_names_them(cluster, tmp_pat
 def test_the_podman_runtime_inside_a_slurm_job(cluster, podman, image):
     """Submitted from a folder of the rootless user's, as that user's own job would be: the harness runs
     Podman as that user, who cannot enter root's private test folders."""
-    folder = podman.workspace / "slurm-podman"
+    env = {**podman.env, "BATCH_RUNTIME": "podman", "BATCH_IMAGE": image,
+           "BATCH_PODMAN_DEVICES": ""}  # fmt: skip  # the test node's GPUs are placeholders: no CDI devices
+    logs = run_container_array(cluster, podman, podman.workspace / "slurm-podman", env)
+    assert "podman run --rm --userns=keep-id:uid=1000,gid=1000" in logs
+
+
+def run_container_array(cluster, podman, folder: Path, env: dict[str, str]) -> str:
+    """A two-task array job of slurm/classify.sh over 12 images in a folder of the rootless user's, with a
+    container runtime; every input gets one row, each task its own shard. Returns the tasks' logs."""
     inputs = small_images(folder / "in", 12)
     (folder / "out").mkdir()
     podman.give(folder)
-    env = {**podman.env, "SLURM_CONF": cluster.env["SLURM_CONF"], "BATCH_RUNTIME": "podman", "BATCH_IMAGE": image,
-           "BATCH_PODMAN_DEVICES": ""}  # fmt: skip  # the test node's GPUs are placeholders: no CDI devices
     array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(folder / "in"), str(folder / "out"), *FAST,
-                   cwd=folder, env=env)  # fmt: skip
+                   cwd=folder, env={**env, "SLURM_CONF": cluster.env["SLURM_CONF"]})  # fmt: skip
     states = cluster.wait_until_done([f"{array}_0", f"{array}_1"])
     logs = "".join(path.read_text() for path in folder.glob("classify-*.out"))
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs}"
-    assert "podman run --rm --userns=keep-id:uid=1000,gid=1000" in logs
     assert_every_input_once(folder / "out", inputs)
+    first_buckets = {part.name.split("-")[1] for part in (folder / "out").glob("part-*.parquet")}
+    assert len(first_buckets) == 2, "each array task wrote its own shard"
+    return logs
 
 
 # A stand-in for podman and apptainer: it logs its arguments, and holds its GPU until the other task of
