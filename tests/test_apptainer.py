@@ -64,15 +64,15 @@ def test_readme_apptainer_lines_work_as_written(apptainer, sif, podman, photos):
     """Each exec and run line of the README runs unchanged but for its paths: /data and /scratch become
     folders of the test's, classify.sif the SIF made above."""
     lines = readme_apptainer_lines()
-    assert any(line.startswith("apptainer exec --nv") for line in lines) and any("run " in line for line in lines)
+    assert any(line.startswith("apptainer exec --nv --cleanenv --bind") for line in lines)
+    assert any(line.startswith("apptainer run ") for line in lines)
     for line in lines:
         folder = data_folder(podman, photos)
         (folder / "data").mkdir()
         (folder / "images").rename(folder / "data" / "images")
         (folder / "scratch").mkdir()
         podman.give(folder)
-        words = [",".join(re.sub(r"^/(data|scratch)\b", rf"{folder}/\1", path) for path in word.split(","))
-                 for word in shlex.split(line)]  # fmt: skip
+        words = [re.sub(r"(^|[,:])/(data|scratch)\b", rf"\1{folder}/\2", word) for word in shlex.split(line)]
         words[words.index("classify.sif")] = str(sif)
         result = apptainer(*words[1:])
         if "classify" in words and "-o" in words:
