@@ -172,7 +172,6 @@ def definition(containerfile: str = "Containerfile") -> str:
     if len(stages) != 1:
         raise ImageError(f"{containerfile} has {len(stages)} stages; the definition supports one")
     (recipe,) = stages.values()
-    base = recipe.fromHeader  # ARG values substituted
     values = _arguments(containerfile)
     environment = {line.split("=", 1)[0]: _substitute(line, values) for line in recipe.environ}
     labels = []
@@ -195,7 +194,7 @@ def definition(containerfile: str = "Containerfile") -> str:
     text = re.sub(r"%runscript\n.*?(?=\n%|\Z)", lambda _match: f"%runscript\n{runscript}", text, flags=re.S)
     text = re.sub(r"\n%startscript\n.*?(?=\n%|\Z)", "", text, flags=re.S)
     text = re.sub(r"\nStage: spython-base\n+", "\n\n", text).lstrip()
-    text = re.sub(r"\ABootstrap: docker\nFrom: [^\n]*\n", lambda _match: BASE.format(image=base), text)
+    text = re.sub(r"\ABootstrap: docker\nFrom: ([^\n]*)\n", lambda match: BASE.format(image=match[1]), text)
     header = f"# Generated from {os.path.basename(containerfile)} by `batch image def`; do not edit by hand.\n"
     extras = f"\n%help\n{HELP.format(version=values.get('VERSION', batch.__version__))}\n\n%test\n{TEST}\n"
     return header + text.rstrip() + "\n" + extras
