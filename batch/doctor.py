@@ -1,7 +1,8 @@
 """`batch doctor`: the facts that decide whether a node can run the job, in one report.
 
-Unhealthy (exit 1) when a GPU was expected (Slurm allotted one, or --expect-gpu) and none is visible,
-or when a cache directory the job writes to is not writable.
+Unhealthy (exit 1) when a GPU was expected (Slurm allotted one, or --expect-gpu) and CUDA cannot be
+used (with CUDA's own reason: no driver, a driver too old...), when a GPU fails a small kernel, or
+when a cache directory the job writes to is not writable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 
+from batch.devices import DeviceError, cuda_unusable, native_bf16, probe, promised_but_unusable, runtime
 from batch.environment import JobEnvironment
 
 
@@ -38,35 +40,35 @@ def _driver_version() -> str:
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else result.stderr.strip()
 
 
-def _runtime(env: JobEnvironment) -> str | None:
-    """The container runtime this process runs under, by the marks each leaves: "apptainer", "podman" or None."""
-    if env.env.get("APPTAINER_CONTAINER") or env.env.get("SINGULARITY_CONTAINER"):
-        return "apptainer"
-    if env.env.get("container") == "podman" or os.path.exists("/run/.containerenv"):
-        return "podman"
-    return None
-
-
 def _container(env: JobEnvironment) -> str:
     found = []
     if env.image_version:
         found.append(f"batch image {env.image_version}")
-    runtime = _runtime(env)
-    if runtime == "apptainer":
+    where = runtime(env)
+    if where == "apptainer":
         found.append(f"Apptainer ({env.env.get('APPTAINER_CONTAINER') or env.env.get('SINGULARITY_CONTAINER')})")
-    elif runtime == "podman":
+    elif where == "podman":
         found.append("Podman")
     return ", ".join(found) or "none detected"
 
 
-# What hands a container its GPUs, by runtime: the fix the report names when none is visible.
-GPU_REMEDIES = {
-    "apptainer": "Apptainer shows the GPUs only with --nv: run apptainer exec --nv IMAGE ..., "
-                 "or apptainer test --nv IMAGE",
-    "podman": "Podman shows the GPUs only when given them: podman run --device nvidia.com/gpu=N "
-              "(CDI: nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml), or nvidia.com/gpu=all",
-    None: "Check the driver (nvidia-smi) and that this torch build has CUDA",
-}  # fmt: skip
+def _gpu_lines() -> tuple[list[str], bool]:
+    """One line per visible GPU, each after a small kernel in its best precision; and whether all worked."""
+    import torch
+
+    lines, healthy = [], True
+    for number in range(torch.cuda.device_count()):
+        device = torch.device("cuda", number)
+        props = torch.cuda.get_device_properties(number)
+        bf16 = native_bf16(device)
+        try:
+            probe(device, "bf16" if bf16 else "fp32")
+            works = f"a {'bf16' if bf16 else 'fp32'} kernel ran"
+        except DeviceError as error:
+            works, healthy = f"FAILED: {error}", False
+        lines.append(f"GPU {number}: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
+                     f"bf16 {'native' if bf16 else 'emulated (slow): fp32 by default'}; {works}")  # fmt: skip
+    return lines, healthy
 
 
 def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
@@ -75,21 +77,20 @@ def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
 
     import batch
 
+    problem = cuda_unusable()
     lines = [
         f"batch {batch.__version__}, python {platform.python_version()}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}",
         f"host: {env.host}",
         f"CPUs usable: {env.cpus()}",
-        f"CUDA build: {torch.version.cuda or 'none (CPU-only torch)'}; available: {torch.cuda.is_available()}",
+        f"CUDA build: {torch.version.cuda or 'none (CPU-only torch)'}; "
+        + ("usable" if problem is None else f"unusable: {problem}"),
         f"CUDA_VISIBLE_DEVICES: {env.env.get('CUDA_VISIBLE_DEVICES', '(unset)')}",
     ]
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for number in range(gpus):
-        props = torch.cuda.get_device_properties(number)
-        lines.append(
-            f"GPU {number}: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, "
-            f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
-        )
+    gpus_work = True
+    if problem is None:
+        gpu_lines, gpus_work = _gpu_lines()
+        lines += gpu_lines
     lines.append(f"driver: {_driver_version()}")
     caches = {
         "torch hub (TORCH_HOME)": torch.hub.get_dir(),
@@ -107,9 +108,11 @@ def diagnose(env: JobEnvironment, expect_gpu: bool | None) -> tuple[str, bool]:
         lines.append("Slurm: not in a job")
     lines.append(f"container: {_container(env)}")
     promise = env.gpus_promised() if expect_gpu is None else "--expect-gpu" if expect_gpu else None
-    healthy = all(status == "writable" for status in statuses.values())
-    if promise and not gpus:
-        lines.append(f"PROBLEM: a GPU was expected ({promise}) but none is visible. {GPU_REMEDIES[_runtime(env)]}")
+    healthy = gpus_work and all(status == "writable" for status in statuses.values())
+    if promise and problem is not None:
+        lines.append(f"PROBLEM: {promised_but_unusable(env, promise, problem)}")
         healthy = False
+    elif not gpus_work:
+        lines.append("PROBLEM: a GPU failed its check (above)")
     lines.append("ok" if healthy else "NOT OK")
     return "\n".join(lines), healthy

@@ -14,6 +14,7 @@ from typing import Mapping, MutableMapping
 from batch.paths import BUCKETS
 
 IMAGE_VERSION_VARIABLE = "BATCH_IMAGE_VERSION"
+CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2: "max", or bytes
 
 
 class ShardingError(ValueError):
@@ -77,6 +78,10 @@ class JobEnvironment:
     def host(self) -> str:
         return self.env.get("SLURMD_NODENAME") or socket.gethostname()
 
+    def local_task(self) -> int | None:
+        """This task's rank among the tasks of its job on this node (SLURM_LOCALID), or None outside Slurm."""
+        return self._int("SLURM_LOCALID")
+
     def cpus(self) -> int:
         """CPUs this task may use: Slurm's allocation first, then this process's affinity mask."""
         allotted = self._int("SLURM_CPUS_PER_TASK")
@@ -86,6 +91,23 @@ class JobEnvironment:
             return len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             return os.cpu_count() or 1
+
+    def memory(self) -> int:
+        """Bytes of memory this task may use: Slurm's allocation (--mem, or --mem-per-cpu times the CPUs),
+        else the container's or cgroup's limit, else the machine's."""
+        per_node, per_cpu = self._int("SLURM_MEM_PER_NODE"), self._int("SLURM_MEM_PER_CPU")
+        if per_node:
+            return per_node * 2**20  # Slurm counts in MiB
+        if per_cpu:
+            return per_cpu * 2**20 * self.cpus()
+        try:
+            with open(CGROUP_MEMORY_LIMIT, encoding="ascii") as handle:
+                limit = handle.read().strip()
+            if limit.isdigit():
+                return int(limit)
+        except OSError:
+            pass
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
     def gpus_promised(self) -> str | None:
         """The variable saying this job was handed GPUs (so a job without a visible one is broken), or None.

@@ -119,7 +119,7 @@ def test_the_def_test_section_fails_without_the_gpus_a_job_was_allotted_and_name
     allotted = ["--env", "APPTAINER_CONTAINER=/scratch/classify.sif", "--env", "SLURM_JOB_ID=7", "--env", "SLURM_JOB_GPUS=1"]
     result = podman("run", "--rm", "--entrypoint", "sh", *allotted, image, "-c", script, check=False)
     said = result.stdout + result.stderr
-    assert result.returncode == 1 and "PROBLEM: a GPU was expected (SLURM_JOB_GPUS=1) but none is visible" in said, said
+    assert result.returncode == 1 and "PROBLEM: a GPU was promised (SLURM_JOB_GPUS=1) but CUDA cannot be used: Found no NVIDIA driver" in said, said
     assert "apptainer test --nv IMAGE" in said and "container: batch image" in said, said
     healthy = podman("run", "--rm", "--entrypoint", "sh", image, "-c", script, check=False)  # no GPU promised
     assert healthy.returncode == 0 and healthy.stdout.rstrip().endswith("ok"), healthy.stdout + healthy.stderr
