@@ -12,6 +12,7 @@ import multiprocessing
 import random
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -23,7 +24,8 @@ from PIL import Image
 from batch import models, sources
 from batch.decode import Decoded, Preprocess, decode
 from batch.environment import JobEnvironment
-from batch.inference import Classifier, Predictions, choose_device, choose_precision
+from batch.devices import choose_device, choose_precision, probe
+from batch.inference import IN_FLIGHT, Classifier, Pending, Predictions
 from batch.paths import readable
 from batch.pipeline import ClassifyOptions, default_batch_size, execute, plan
 from batch.stopping import StopRequest
@@ -155,26 +157,37 @@ def time_decode(paths: Sequence[str], spec: models.ModelSpec) -> tuple[Measure, 
     return Measure("decode+preprocess", len(paths), seconds, note), good
 
 
-def _repeat(work: Callable[[], int]) -> tuple[int, float]:
-    """Run `work` once to warm up, then until MIN_SECONDS have passed; items done and seconds."""
+def _repeat(work: Callable[[], int], finish: Callable[[], object] = lambda: None) -> tuple[int, float]:
+    """Run `work` once to warm up, then until MIN_SECONDS have passed, then `finish` what it left
+    under way; items done and seconds."""
     work()
+    finish()
     items, started = 0, time.perf_counter()
-    while (seconds := time.perf_counter() - started) < MIN_SECONDS:
+    while time.perf_counter() - started < MIN_SECONDS:
         items += work()
-    return items, seconds
+    finish()
+    return items, time.perf_counter() - started
 
 
 def time_model(classifier: Classifier, spec: models.ModelSpec, batch_size: int) -> Measure:
+    """The model's speed as the pipeline drives it: batches from page-locked memory, several queued."""
     crop = spec.preprocess.crop
     pixels = torch.randint(0, 256, (batch_size, crop, crop, 3), dtype=torch.uint8)
     if classifier.device.type == "cuda":
         pixels = pixels.pin_memory()
+    queued: deque[Pending] = deque()
 
     def one_batch() -> int:
-        classifier.predict(pixels)  # returns numpy, so the device has finished
+        queued.append(classifier.submit(pixels))
+        while len(queued) > IN_FLIGHT:
+            queued.popleft().result()  # numpy answers: the device has finished that batch
         return batch_size
 
-    items, seconds = _repeat(one_batch)
+    def drain() -> None:
+        while queued:
+            queued.popleft().result()
+
+    items, seconds = _repeat(one_batch, finish=drain)
     note = f"{classifier.device}, {classifier.precision}, batch {batch_size}, {torch.get_num_threads()} threads"
     return Measure("model", items, seconds, note)
 
@@ -227,10 +240,11 @@ def suggest_cpus(decode: Measure, model: Measure, device: torch.device) -> str:
 def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> Iterator[str]:
     """The report, line by line, as each measurement finishes."""
     spec = models.resolve(options.model, options.weights)
-    device = choose_device(options.device)
+    device = choose_device(options.device, JobEnvironment())
     precision = choose_precision(options.precision, device)
+    probe(device, precision)
     batch_size = options.batch_size or default_batch_size(device)
-    classifier = Classifier(spec, device, precision, 5, embeddings=False)
+    classifier = Classifier(spec, device, precision, 5, embeddings=False, batch_size=batch_size)
     yield f"batch bench: {describe_inputs}; {spec.name} ({spec.weights}) on {device}, {JobEnvironment().cpus()} CPUs"
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as scratch:
         folder = Path(scratch)

@@ -2,63 +2,28 @@
 
 Pixels arrive as uint8 NHWC, which is NCHW in channels_last memory; they are copied to the device as
 uint8 (a quarter of the bytes of float32) and normalised there.
+
+On a GPU, `submit` only queues the work and returns: the pixels are copied on a stream of their own
+into one of a few device buffers of a whole batch each, the network runs on them there, and the
+answers come back into page-locked memory; `Pending.result` waits for them. So the caller can hand
+over the next batch, and build and write the rows of the last, while the GPU computes. Every batch
+runs padded to the batch size, so cuDNN's autotuner (`cudnn.benchmark`) picks its kernels once.
+On the CPU, `submit` computes at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from batch import network as networks
+from batch.devices import PRECISIONS
 from batch.models import ModelError, ModelSpec
 
-log = logging.getLogger(__name__)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class DeviceError(ValueError):
-    """The requested device or precision is not available here."""
-
-
-def choose_device(requested: str) -> torch.device:
-    """'auto' is the GPU when one is visible; an explicit CUDA request without one fails now, not later."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"--device {requested}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, the driver, or "
-                "`--nv` for Apptainer / `--device nvidia.com/gpu=all` for Podman?); `batch doctor` tells more"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif device.type != "cpu":
-        raise DeviceError(f"unsupported device {requested!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def choose_precision(requested: str, device: torch.device) -> str:
-    """'auto' is bf16 on a GPU that has it, else fp32."""
-    if requested != "auto":
-        if requested not in PRECISIONS:
-            raise DeviceError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
-        return requested
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
+IN_FLIGHT = 2  # batches queued on the GPU beyond the one being handed over
 
 
 @dataclass
@@ -68,13 +33,36 @@ class Predictions:
     embeddings: np.ndarray | None  # (n, d) float16
 
 
+class Pending:
+    """A batch's answers, once the device has them."""
+
+    def __init__(self, answers: tuple[torch.Tensor, ...], done: torch.cuda.Event | None = None):
+        self._answers, self._done = answers, done
+
+    def result(self) -> Predictions:
+        if self._done is not None:
+            self._done.synchronize()
+        ids, scores, *features = (answer.numpy() for answer in self._answers)
+        return Predictions(ids, scores, features[0] if features else None)
+
+
+class _Lane:
+    """A device buffer of a whole batch of pixels, and when the work that last read it was done."""
+
+    def __init__(self, device: torch.device, batch_size: int, crop: int):
+        self.pixels = torch.zeros((batch_size, crop, crop, 3), dtype=torch.uint8, device=device)
+        self.done: torch.cuda.Event | None = None
+
+
 class Classifier:
-    def __init__(self, spec: ModelSpec, device: torch.device, precision: str, topk: int, embeddings: bool):
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str, topk: int, embeddings: bool,
+                 batch_size: int):  # fmt: skip
         self.device = device
         self.precision = precision
         self.topk = min(topk, len(spec.labels))
         # channels_last matches the NHWC pixels and doubles EfficientNet-Lite0 even on CPU (15.6 -> 31 images/s).
-        self.network = fold_batch_norm(spec.load()).to(device, memory_format=torch.channels_last)
+        built = networks.prepare(spec.load(device), spec.preprocess.crop)
+        self.network = built.to(device, memory_format=torch.channels_last)
         preprocess = spec.preprocess
         # (pixel - mean) / std as pixel * scale + shift, applied along whole rows of RGBRGB... so the
         # arithmetic runs over long contiguous stretches: 3x faster than broadcasting over 3 channels.
@@ -83,6 +71,13 @@ class Classifier:
         self._features: torch.Tensor | None = None
         if embeddings:
             self._hook_penultimate_layer(spec.name)
+        self._lanes: list[_Lane] = []
+        if device.type == "cuda":
+            torch.set_num_threads(1)  # this process only launches kernels; the cores decode
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape: padded to batch_size
+            self._copies = torch.cuda.Stream(device)
+            self._lanes = [_Lane(device, batch_size, preprocess.crop) for _ in range(IN_FLIGHT + 1)]
+            self._turn = 0
 
     def _hook_penultimate_layer(self, name: str) -> None:
         """The embedding is the input of the last Linear layer, the classifier head, in every model we build."""
@@ -100,38 +95,51 @@ class Classifier:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    @torch.inference_mode()
     def predict(self, pixels: torch.Tensor) -> Predictions:
-        """pixels: uint8 (n, h, w, 3)."""
-        count, height, width, channels = pixels.shape
-        rows = pixels.to(self.device, non_blocking=True).reshape(count * height, width * channels).float()
+        """pixels: uint8 (n, h, w, 3); waits for the answers."""
+        return self.submit(pixels).result()
+
+    @torch.inference_mode()
+    def submit(self, pixels: torch.Tensor) -> Pending:
+        """Start classifying uint8 (n, h, w, 3). When it returns, the pixels have been read: their memory
+        may be reused, though on a GPU the answers may still be on their way."""
+        if not self._lanes:
+            return Pending(self._classify(pixels, len(pixels)))
+        lane = self._lanes[self._turn]
+        self._turn = (self._turn + 1) % len(self._lanes)
+        count = len(pixels)
+        with torch.cuda.stream(self._copies):
+            if lane.done is not None:
+                self._copies.wait_event(lane.done)  # the batch that last used this buffer has been read
+            lane.pixels[:count].copy_(pixels, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        answers = tuple(self._to_host(answer) for answer in self._classify(lane.pixels, count))
+        lane.done = torch.cuda.Event()
+        lane.done.record(compute)
+        copied.synchronize()  # the pixels' own memory (a worker's slot) is free again
+        return Pending(answers, lane.done)
+
+    @staticmethod
+    def _to_host(answer: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(answer.shape, dtype=answer.dtype, pin_memory=True)
+        return host.copy_(answer, non_blocking=True)
+
+    def _classify(self, pixels: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+        """Top-k ids and scores (and features) of the first `count` pictures of a batch on the device."""
+        batch, height, width, channels = pixels.shape
+        rows = pixels.to(self.device).reshape(batch * height, width * channels).float()
         rows.mul_(self.scale.repeat(width)).add_(self.shift.repeat(width))
-        batch = rows.view(count, height, width, channels).permute(0, 3, 1, 2)  # NCHW in channels_last memory
+        inputs = rows.view(batch, height, width, channels).permute(0, 3, 1, 2)  # NCHW in channels_last memory
         with self._autocast():
-            logits = self.network(batch)
+            logits = self.network(inputs)
         if isinstance(logits, (tuple, list)):  # some models return (logits, aux)
             logits = logits[0]
-        probabilities = logits.float().softmax(dim=1)
-        scores, ids = probabilities.topk(self.topk, dim=1)
-        features = None
+        scores, ids = logits[:count].float().softmax(dim=1).topk(self.topk, dim=1)
+        answers = (ids.to(torch.int32), scores)
         if self._features is not None:
-            features = self._features.to(torch.float16).cpu().numpy()
+            answers += (self._features[:count].to(torch.float16),)
             self._features = None
-        return Predictions(ids.to(torch.int32).cpu().numpy(), scores.cpu().numpy(), features)
-
-
-def fold_batch_norm(network: torch.nn.Module) -> torch.nn.Module:
-    """Fold each BatchNorm into the convolution before it: the same answers, one pass over memory fewer.
-
-    It nearly doubles mobilenet_v3_small on CPU (324 -> 613 images/s on two cores). Models that
-    torch.fx cannot trace (data-dependent control flow, model files) run as they are.
-    """
-    if not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in network.modules()):
-        return network
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        return fuse(network)
-    except Exception as error:  # noqa: BLE001 - fx raises many kinds for untraceable code
-        log.debug("batch norm not folded, %s cannot be traced: %s", type(network).__name__, error)
-        return network
+        return answers

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 from batch.decode import Preprocess
 from batch.weights import (
@@ -85,7 +86,7 @@ class ModelSpec:
     weights_file: str | None
     labels: list[str] = field(repr=False)
     preprocess: Preprocess
-    builder: Callable[["ModelSpec"], torch.nn.Module] = field(repr=False, compare=False)  # in inference mode
+    builder: Callable[["ModelSpec", torch.device], torch.nn.Module] = field(repr=False, compare=False)  # in eval mode
     supports_embeddings: bool = True
 
     @property
@@ -106,10 +107,12 @@ class ModelSpec:
             "labels_sha256": hashlib.sha256("\n".join(self.labels).encode()).hexdigest(),
         }
 
-    def load(self) -> torch.nn.Module:
+    def load(self, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+        """The network, on the CPU to be moved whole; a model file on `device` already, since only its
+        loader can move the device constants baked into it."""
         if self.untrained:
             _warn_untrained(self.name)
-        return self.builder(self)
+        return self.builder(self, device)
 
 
 @functools.cache
@@ -191,7 +194,7 @@ def _resolve_default(weights: str, labels: list[str] | None, overrides: Preproce
     )
 
 
-def _build_default(spec: ModelSpec) -> torch.nn.Module:
+def _build_default(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     return _trained(EfficientNet.from_name("efficientnet-lite0", num_classes=len(spec.labels)), spec)
@@ -232,7 +235,7 @@ def _resolve_torchvision(
     )
 
 
-def _build_torchvision(spec: ModelSpec) -> torch.nn.Module:
+def _build_torchvision(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
     from torchvision.models import get_model
 
     return _trained(get_model(spec.name, weights=None, num_classes=len(spec.labels)), spec)
@@ -276,12 +279,17 @@ def read_stored_description(path: str) -> dict[str, Any]:
         raise ModelError(f"{EXTRA_FILE} stored in {path} is not valid JSON: {error}") from None
 
 
-def _build_model_file(spec: ModelSpec) -> torch.nn.Module:
+def _build_model_file(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
+    """Exported graphs hold the device they were traced on (`torch.tensor(...)` constants, `device=`
+    arguments): moved here, or the first batch on a GPU fails with tensors on two devices."""
     path = spec.weights_file
     assert path is not None
     try:
         if path.endswith(".pt2"):
-            return torch.export.load(path).module()  # frozen in the mode it was exported in
-        return torch.jit.load(path, map_location="cpu").eval()
+            program = torch.export.load(path)
+            if device.type != "cpu":
+                program = move_to_device_pass(program, device)
+            return program.module()  # frozen in the mode it was exported in
+        return torch.jit.load(path, map_location=device).eval()
     except Exception as error:  # noqa: BLE001
         raise ModelError(f"cannot load the model file {path}: {error}") from None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +26,11 @@ import batch
 from batch import commit, models, sources
 from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
-from batch.inference import Classifier, choose_device, choose_precision, device_name
+from batch.devices import choose_device, choose_precision, device_name, probe
+from batch.inference import IN_FLIGHT, Classifier, Pending
 from batch.manifest import Found
 from batch.paths import BUCKETS
-from batch.pool import DecodePool
+from batch.pool import SLOTS, DecodePool
 from batch.progress import Progress, format_duration
 from batch.stopping import EXIT_INTERRUPTED, StopRequest
 from batch.weights import DEFAULT_WEIGHTS
@@ -39,6 +42,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUTS = 3  # finished and committed, but --strict or --max-error-rate was breached
 MIN_ROWS_FOR_EARLY_ERROR_RATE = 100
 EXAMPLE_ERRORS = 5
+SHARED_MEMORY_SHARE = 4  # the decoded batches waiting in shared memory may take a quarter of the task's
 
 
 @dataclass(frozen=True)
@@ -109,30 +113,59 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     spec = models.resolve(options.model, options.weights, options.labels_file, options.overrides)
     if options.embeddings and not spec.supports_embeddings:
         raise ValueError(f"--embeddings is not available for {spec.name}: a model file hides its layers")
-    device = choose_device(options.device)
-    precision = choose_precision(options.precision, device)
     shard = options.shard or env.shard() or Shard(0, 1)
-    workers = env.cpus() if options.workers is None else options.workers
+    device = choose_device(options.device, env)
+    precision = choose_precision(options.precision, device)
+    workers = default_workers(env, device) if options.workers is None else options.workers
     if workers < 0:
         raise ValueError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
-    batch_size = options.batch_size or default_batch_size(device)
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {options.batch_size}")
+    batch_size = fit_batch_size(options.batch_size, device, workers, spec.preprocess.crop, env)
+    probe(device, precision)
     commit.check_writable(options.output)
-    output = commit.OutputDir(options.output, shard.buckets, identity(spec, options.topk, options.embeddings), env.job_id)
+    wanted = identity(spec, options.topk, options.embeddings, precision)
+    output = commit.OutputDir(options.output, shard.buckets, wanted, env.job_id)
     output.prepare(options.overwrite)
     return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)
 
 
-def identity(spec: models.ModelSpec, topk: int, embeddings: bool) -> dict[str, Any]:
-    """What every part of one output must share: the model's answers, their shape, and the bucket layout."""
-    return {**spec.identity(), "topk": topk, "embeddings": embeddings, "buckets": BUCKETS}
+def identity(spec: models.ModelSpec, topk: int, embeddings: bool, precision: str) -> dict[str, Any]:
+    """What every part of one output must share: the model's answers, their shape and numerics, and the
+    bucket layout. Precision is one of them: bf16 scores differ from fp32's in the third digit and
+    reorder near-ties, so a requeue that lands on a node of another kind is refused, not mixed in."""
+    return {**spec.identity(), "topk": topk, "embeddings": embeddings, "precision": precision, "buckets": BUCKETS}
 
 
 def default_batch_size(device: torch.device) -> int:
     """256 on a GPU. 32 on CPU: a float batch of 64 (38 MB) is past glibc's largest mmap threshold, so
     every batch was mapped and faulted in afresh (1.5 s of system time on 1500 images, two cores)."""
     return 256 if device.type == "cuda" else 32
+
+
+def default_workers(env: JobEnvironment, device: torch.device) -> int:
+    """A decoding process per CPU; on a GPU one CPU is left to the process that feeds it."""
+    return max(1, env.cpus() - 1) if device.type == "cuda" else env.cpus()
+
+
+def fit_batch_size(requested: int | None, device: torch.device, workers: int, crop: int, env: JobEnvironment) -> int:
+    """The batch size, the default made small enough that the workers' slots of decoded batches fit in a
+    share of the task's memory: 16 workers' slots of 256 crops of 600 px would take 8.9 GB. Fewer
+    but larger pictures keep a GPU as busy."""
+    size = requested or default_batch_size(device)
+    budget = env.memory() // SHARED_MEMORY_SHARE
+    per_picture = max(workers, 1) * SLOTS * crop * crop * 3
+    fits = max(1, budget // per_picture)
+    if size <= fits:
+        return size
+    held = (f"{max(workers, 1)} workers x {SLOTS} batches of {size} crops of {crop} px take "
+            f"{size * per_picture / 2**20:,.0f} MiB, over 1/{SHARED_MEMORY_SHARE} of this task's "
+            f"{env.memory() / 2**20:,.0f} MiB of memory")  # fmt: skip
+    if requested:
+        log.warning("%s: --batch-size %d may run out of memory", held, size)
+        return size
+    log.info("%s: batches of %d instead", held, fits)
+    return fits
 
 
 @dataclass
@@ -188,35 +221,94 @@ def execute(run: Plan, stop: StopRequest) -> int:
 
 
 def _stream(run: Plan, todo: list[str], members: dict[str, Found], tally: Tally, stop: StopRequest) -> None:
-    options, output = run.options, run.output
+    """Decoded batches go to the model as they come; their answers go to the writer's thread, which
+    waits for them: this thread never waits on the GPU, only on the decoders and on the copy of pixels."""
+    options = run.options
     # The workers start now, and decode the first batches while the model loads.
     batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda",
                          timeout=options.decode_timeout, members=members)  # fmt: skip
-    progress = Progress(len(todo))
-    chunk: ChunkWriter | None = None
+    writer: _Writer | None = None
     try:
-        classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings)
-        rows = RowBuilder(run.spec.labels, options.topk, options.embeddings)
-        metadata = {"identity": output.identity, "provenance": run.provenance()}
-        for item in batches:
-            answers = classifier.predict(item.pixels) if item.pixels is not None else None
-            paths = [todo[decoded.index] for decoded in item.items]
-            chunk = chunk or ChunkWriter(output.staging_path(), rows.schema, metadata)
-            chunk.add(rows.build(paths, item.items, answers, members))
-            progress.update(len(paths), tally.add(paths, item.items))
-            if stop.requested or chunk.age >= options.commit_every:
-                _commit(chunk, output)
-                chunk = None
-                if stop.requested or _error_rate_breached(options, tally, early=True):
-                    break
-        if chunk is not None:
-            _commit(chunk, output)
-            chunk = None
+        classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings, run.batch_size)
+        writer = _Writer(run, todo, members, tally)
+        for batch in batches:
+            writer.put(batch.items, classifier.submit(batch.pixels) if batch.pixels is not None else None)
+            if stop.requested or writer.breached:
+                break
+        writer.finish()
     finally:
         batches.close()  # stops the workers now, whether the run ended, broke off or failed
-        if chunk is not None:
-            chunk.abandon()
-        progress.finish()
+        if writer is not None:
+            writer.abandon()
+
+
+class _Writer(threading.Thread):
+    """The writer stage, beside the model: waits for each batch's answers, builds its rows, streams them
+    into the staging file and commits every `--commit-every` seconds, so that neither zstd nor an fsync
+    on a slow shared file system holds up the GPU. What it raises is raised again by `put` and `finish`."""
+
+    def __init__(self, run: Plan, todo: list[str], members: dict[str, Found], tally: Tally):
+        super().__init__(name="batch-writer", daemon=True)
+        self.plan, self.todo, self.members, self.tally = run, todo, members, tally
+        self.rows = RowBuilder(run.spec.labels, run.options.topk, run.options.embeddings)
+        self.metadata = {"identity": run.output.identity, "provenance": run.provenance()}
+        self.progress = Progress(len(todo))
+        self.work: queue.Queue = queue.Queue(maxsize=IN_FLIGHT)  # a bound: the GPU runs this far ahead
+        self.breached = False  # --max-error-rate crossed at a commit: feed no more
+        self.failure: BaseException | None = None
+        self.ended = False
+        self.start()
+
+    def put(self, items: list[Decoded], answers: Pending | None) -> None:
+        self._raise_failure()
+        self.work.put((items, answers))
+
+    def finish(self) -> None:
+        """Commit what is left, and wait for that."""
+        self._end(commit=True)
+        self._raise_failure()
+
+    def abandon(self) -> None:
+        """After a failure elsewhere: the chunk in hand is not committed, and its staging file goes."""
+        self._end(commit=False)
+
+    def _end(self, commit: bool) -> None:
+        if not self.ended:
+            self.ended = True
+            self.work.put(commit)
+            self.join()
+            self.progress.finish()
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+
+    def run(self) -> None:
+        chunk: ChunkWriter | None = None
+        options = self.plan.options
+        try:
+            while not isinstance(work := self.work.get(), bool):
+                items, pending = work
+                paths = [self.todo[decoded.index] for decoded in items]
+                answers = pending.result() if pending is not None else None
+                chunk = chunk or ChunkWriter(self.plan.output.staging_path(), self.rows.schema, self.metadata)
+                chunk.add(self.rows.build(paths, items, answers, self.members))
+                self.progress.update(len(paths), self.tally.add(paths, items))
+                if chunk.age >= options.commit_every:
+                    _commit(chunk, self.plan.output)
+                    chunk = None
+                    self.breached = _error_rate_breached(options, self.tally, early=True)
+            if work and chunk is not None:
+                _commit(chunk, self.plan.output)
+                chunk = None
+        except BaseException as failure:  # noqa: BLE001 - handed to the main thread
+            self.failure = failure
+            while not isinstance(self.work.get(), bool):
+                pass  # so that `put` never blocks on a full queue
+        finally:
+            if chunk is not None:
+                chunk.abandon()
 
 
 def _commit(chunk: ChunkWriter, output: commit.OutputDir) -> None:

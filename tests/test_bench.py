@@ -9,12 +9,9 @@ import re
 import shutil
 
 import numpy as np
-import torch
-import torchvision
 from PIL import Image
 
 from batch.bench import generate_images
-from batch.inference import fold_batch_norm
 from tests.conftest import FAST, run_batch
 
 TINY = ("--generate", "6", "--width", "80-120", "--batch-size", "4", "--workers", "1")
@@ -64,18 +61,3 @@ def test_bench_times_the_files_that_decode_and_names_those_that_do_not(photos, t
         photo.write_bytes(b"")
     result = run_batch("bench", folder, *FAST, check=False)
     assert result.returncode == 2 and "none of the 4 files can be decoded, such as" in result.stderr
-
-
-def test_folding_batch_norm_keeps_the_answers():
-    torch.manual_seed(0)
-    network = torchvision.models.mobilenet_v3_small().eval()
-    for module in network.modules():  # untrained statistics are 0 and 1; make the fold do real work
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2)
-    pictures = torch.randn(4, 3, 224, 224)
-    with torch.inference_mode():
-        expected = network(pictures)
-        folded = fold_batch_norm(network)
-        assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
-        torch.testing.assert_close(folded(pictures), expected, rtol=1e-4, atol=1e-4)

@@ -27,7 +27,7 @@ from batch.stopping import StopRequest
 from batch.weights import sha256_of
 from batch.writer import read_record
 from tests import images
-from tests.conftest import DROP_ROOT_READ, FAST, read_rows, run_batch
+from tests.conftest import DROP_ROOT_READ, FAST, auto_device_name, read_rows, run_batch
 from tests.images import small_images
 from tests.test_repository import readme_blocks
 
@@ -108,7 +108,7 @@ def test_provenance_is_recorded_in_every_part(photos, tmp_path):
     assert record["identity"]["preprocess"]["mean_0_255"] == [127.0, 127.0, 127.0]
     assert record["identity"]["topk"] == 5
     provenance = record["provenance"]
-    assert provenance["torch"] == torch.__version__ and provenance["device_name"] == "cpu"
+    assert provenance["torch"] == torch.__version__ and provenance["device_name"] == auto_device_name()
     assert provenance["image_version"] == "9.9.9" and provenance["slurm_job_id"] == "4242"
     assert provenance["untrained"] is False and len(provenance["labels"]) == 1000
     assert record["chunk"]["rows"] == 3 and record["chunk"]["started"]
@@ -181,8 +181,48 @@ def test_cuda_fails_fast_without_a_gpu_and_works_with_one(photos, tmp_path):
     if torch.cuda.is_available():
         assert result.returncode == 0 and len(read_rows(tmp_path / "out")) == 3
     else:
-        assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
+        assert result.returncode == 2 and "--device cuda: CUDA cannot be used here: " in result.stderr
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("promise", [("SLURM_JOB_GPUS", "0"), ("SLURM_STEP_GPUS", "1"), ("SLURM_GPUS_ON_NODE", "1")])
+def test_auto_refuses_to_crawl_on_the_cpu_when_the_job_was_promised_a_gpu(photos, tmp_path, promise):
+    """An empty CUDA_VISIBLE_DEVICES hides any GPU, as Apptainer without --nv does: the job would run 30
+    to 100 times slower for hours. It stops before creating anything; --device cpu is the way to choose."""
+    name, value = promise
+    hidden = {name: value, "CUDA_VISIBLE_DEVICES": ""}
+    result = run_batch("classify", photos, "-o", tmp_path / "out", *FAST, env=hidden, check=False)
+    assert result.returncode == 2, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"--device auto: a GPU was promised ({name}={value}) but CUDA cannot be used: " in said
+    assert "Check the driver (nvidia-smi" in said and "pass --device cpu to run on the CPU on purpose" in said
+    assert list(tmp_path.iterdir()) == []
+    chosen = run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--device", "cpu", env=hidden)
+    assert "on cpu, fp32" in chosen.stderr and len(read_rows(tmp_path / "out")) == 3
+
+
+def test_results_of_another_precision_are_refused_not_mixed(photos, tmp_path):
+    """A requeue that lands on a node of another kind must not mix bf16 rows with fp32 ones unnoticed."""
+    output = tmp_path / "out"
+    run_batch("classify", photos, "-o", output, *FAST, "--device", "cpu", "--precision", "bf16", "--num-shards", "2",
+              "--shard-index", "0")  # fmt: skip
+    (part,) = part_files(output)
+    assert read_record(str(output / part))["identity"]["precision"] == "bf16"
+    other = run_batch("classify", photos, "-o", output, *FAST, "--device", "cpu", "--precision", "fp32", "--num-shards", "2",
+                      "--shard-index", "1", check=False)  # fmt: skip
+    assert other.returncode == 2 and "precision: 'bf16' there, 'fp32' now" in other.stderr
+    assert part_files(output) == [part]
+
+
+def test_default_batches_shrink_to_fit_a_share_of_the_tasks_memory(photos, tmp_path):
+    """Decoded batches wait in shared memory, two per worker: with big crops and many workers that is
+    gigabytes. 2 workers x 2 slots x 32 crops of 224 px is 18 MiB, over a quarter of 64 MiB."""
+    result = run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--device", "cpu", "--workers", "2",
+                       env={"SLURM_MEM_PER_NODE": "64"})  # fmt: skip
+    assert "2 workers x 2 batches of 32 crops of 224 px take 18 MiB, over 1/4 of this task's 64 MiB of memory: " \
+           "batches of 27 instead" in result.stderr
+    (part,) = part_files(tmp_path / "out")
+    assert read_record(str(tmp_path / "out" / part))["provenance"]["batch_size"] == 27
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_model_loads_and_leaves_nothing(photos, tmp_path):

@@ -77,3 +77,20 @@ def test_a_decoder_that_hangs_is_killed_after_the_timeout(crashing_plugin, tmp_p
     rows = {Path(row["path"]).name: row for row in read_rows(tmp_path / "out")}
     assert rows.pop("endless.jpg")["error"] == "decoder hung: no answer in 3 s, killed"
     assert sorted(rows) == sorted(path.name for path in good) and all(row["label"] for row in rows.values())
+
+
+def test_a_file_that_hangs_holds_back_only_its_own_worker(crashing_plugin, tmp_path):
+    """Batches come out as they are done: the other worker goes on while one is stuck on a file, and
+    their rows are committed (a part per batch here) before the stuck one is killed."""
+    folder = tmp_path / "in"
+    images.small_images(folder, 40)
+    crashing_file(folder / "aaa-endless.jpg", "HANG")  # sorts first: in the first batch
+    output = tmp_path / "out"
+
+    run_batch("classify", folder, "-o", output, *FAST, "--batch-size", "2", "--workers", "2", "--commit-every", "0",
+              "--decode-timeout", "5", env=crashing_plugin, timeout=120)  # fmt: skip
+
+    committed = {Path(row["path"]).name: int(part.name.split("-c")[1][:6])
+                 for part in output.glob("part-*.parquet") for row in read_rows(part)}  # fmt: skip
+    assert len(committed) == 41 and len(set(committed.values())) == 21
+    assert committed["aaa-endless.jpg"] >= 18, f"the stuck batch was committed as chunk {committed['aaa-endless.jpg']} of 21"
