@@ -34,7 +34,7 @@ from batch.paths import BUCKETS
 from batch.pipeline import identity
 from batch.writer import ChunkWriter, RowBuilder
 
-MODEL = ("--model", "mobilenet_v3_small", "--weights", "none", "--workers", "1")
+MODEL = ("--model", "mobilenet_v3_small", "--weights", "none", "--workers", "1", "--device", "cpu")
 WRITE_ROWS = 10_000
 TOPK = 5  # classify's default, so a rerun finds the same configuration
 
@@ -55,7 +55,7 @@ def write_results(output: Path, paths: Sequence[str], buckets: range, first_chun
     output.mkdir(parents=True, exist_ok=True)
     spec = models.resolve(*MODEL[1:4:2])
     rows = RowBuilder(spec.labels, TOPK, embeddings=False)
-    record = {"identity": identity(spec, TOPK, embeddings=False)}
+    record = {"identity": identity(spec, TOPK, embeddings=False, precision="fp32")}  # MODEL's, on the CPU
     for chunk, start in enumerate(range(0, len(paths), WRITE_ROWS), first_chunk):
         some = paths[start : start + WRITE_ROWS]
         ids = np.tile(np.arange(TOPK, dtype=np.int32), (len(some), 1))

@@ -81,12 +81,12 @@ def test_compare_refuses_agreement_without_trained_weights(photos, capsys):
 
 def test_compare_times_the_peers_and_batch_and_checks_agreement(photos, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", str(photos), "--agreement", "--workers", "1"],
+        [sys.executable, "-m", "benchmarks.compare", str(photos), "--agreement", "--workers", "1", "--device", "cpu"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = result.stdout
-    assert report.startswith(f"compare: 3 images from {photos}; efficientnet_lite0 (")
+    assert report.startswith(f"compare: 3 images from {photos}; efficientnet_lite0 (") and ") on cpu, fp32, " in report
     after = r"(then [0-9.]+ images/s|too few files to time the rest)"  # three files: usually too few
     for contender in ("naive (peer)", "dataloader (peer)", "batch classify"):
         line = rf"^  {re.escape(contender)} +[0-9.]+ s +[0-9.]+ images/s  start-up [0-9.]+ s, {after}$"
@@ -123,3 +123,25 @@ def test_report_members_times_the_report_of_members_of_tars_and_parquet_files(tm
     for kind in ("tars", "parquets"):
         assert re.match(r"^    \d+ thumbnails and 0 placeholders, from 3 containers", runs[kind]), runs[kind]
     assert list(tmp_path.iterdir()) == [], "the containers and outputs must be deleted"
+
+
+def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
+    """It runs once, on a lent GPU, in a few minutes: here it runs whole, on the CPU, so that it cannot rot."""
+    script = REPOSITORY / "benchmarks" / "gpu-check.sh"
+    usage = subprocess.run([str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: benchmarks/gpu-check.sh OUT")
+    result = subprocess.run([str(script), str(tmp_path / "check"), "--device", "cpu", "--tiny"], capture_output=True, text=True,
+                            timeout=1200, env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)})  # fmt: skip
+    report = (tmp_path / "check" / "report.md").read_text()
+    assert result.returncode == 0, report + result.stderr
+    steps = re.findall(r"^## (.*)$", report, re.MULTILINE)
+    assert steps == ["doctor", "pictures: small", "ResNet-50 stages and suggested CPUs",
+                     "ResNet-50 end to end, ImageNet-sized, against the peers", "pictures: agreement",
+                     "agreement with the CPU's fp32 reference", "default model stages",
+                     "default model end to end, ImageNet-sized, against the peers", "pictures: camera",
+                     "ResNet-50 end to end, camera-sized, against the peers"]  # fmt: skip
+    assert len(re.findall(r"^ok in \d+ s$", report, re.MULTILINE)) == len(steps)
+    assert re.search(r"^  fp32: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
+    assert re.search(r"^  model +[0-9.]+ images/s  cpu, fp32, batch 8", report, re.MULTILINE)
+    assert (tmp_path / "check" / "steps.log").stat().st_size > 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["check"], "the pictures must be deleted"
