@@ -112,12 +112,12 @@ class Classifier:
             if lane.done is not None:
                 self._copies.wait_event(lane.done)  # the batch that last used this buffer has been read
             lane.pixels[:count].copy_(pixels, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(blocking=True)  # waiting threads sleep: the cores decode
             copied.record()
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(copied)
         answers = tuple(self._to_host(answer) for answer in self._classify(lane.pixels, count))
-        lane.done = torch.cuda.Event()
+        lane.done = torch.cuda.Event(blocking=True)
         lane.done.record(compute)
         copied.synchronize()  # the pixels' own memory (a worker's slot) is free again
         return Pending(answers, lane.done)

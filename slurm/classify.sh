@@ -92,12 +92,14 @@ fi
 IFS=',' read -r -a extra <<<"${BATCH_BIND:-}"
 read_only+=("${extra[@]}")
 
-# What batch reads from the environment: the shard (array and srun variables), GPUs, CPUs, caches.
+# What batch reads from the environment: the shard (array and srun variables), GPUs (which were promised,
+# and which of them this task takes), CPUs, memory, caches.
 # CUDA_VISIBLE_DEVICES is the runtime's own (below).
 forwarded=()
 for name in TORCH_HOME SLURM_JOB_ID SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID \
     SLURM_ARRAY_TASK_MIN SLURM_ARRAY_TASK_MAX SLURM_ARRAY_TASK_STEP SLURM_ARRAY_TASK_COUNT \
-    SLURM_PROCID SLURM_NTASKS SLURM_CPUS_PER_TASK SLURMD_NODENAME SLURM_JOB_GPUS SLURM_GPUS_ON_NODE; do
+    SLURM_PROCID SLURM_NTASKS SLURM_LOCALID SLURM_CPUS_PER_TASK SLURM_MEM_PER_NODE SLURM_MEM_PER_CPU \
+    SLURMD_NODENAME SLURM_JOB_GPUS SLURM_STEP_GPUS SLURM_GPUS_ON_NODE; do
     [[ -n ${!name:-} ]] && forwarded+=("$name=${!name}")
 done
 
@@ -155,10 +157,16 @@ echo "$(date -Is) ${SLURM_JOB_ID:+job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ task 
 
 # Several tasks in the batch step (sbatch --ntasks=N without srun): run this same script once per task
 # through srun, so each has its own SLURM_PROCID and so its own shard; its text, so that no node needs
-# its path. srun of Slurm 22.05 does not take --cpus-per-task from the job: pass it.
+# its path. srun of Slurm 22.05 does not take --cpus-per-task from the job: pass it. Where the node has
+# a GPU for each of its tasks, each task gets its own (--gpus-per-task=1; Slurm refuses the step where
+# there are fewer); else they share them, and batch spreads them over the GPUs by SLURM_LOCALID.
 if ((${SLURM_NTASKS:-1} > 1)) && [[ -z ${SLURM_STEP_ID:-} ]]; then
-    echo "$(date -Is) $SLURM_NTASKS tasks: each runs this script through srun" >&2
-    launcher=(srun ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} bash -c "$(<"$0")" "$0")
+    tasks_here=${SLURM_TASKS_PER_NODE:-$SLURM_NTASKS} # "2", "2(x3)" or "3,2": this node's comes first
+    tasks_here=${tasks_here%%[(,]*}
+    each_gpu=()
+    if ((${#allotted[@]} && ${#allotted[@]} >= tasks_here)); then each_gpu=(--gpus-per-task=1); fi
+    echo "$(date -Is) $SLURM_NTASKS tasks: each runs this script through srun${each_gpu:+ with a GPU of its own}" >&2
+    launcher=(srun ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"} "${each_gpu[@]}" bash -c "$(<"$0")" "$0")
     command=("$input" "$output" "$@")
 fi
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 import batch
-from tests.conftest import FAST, REPOSITORY, build_context, read_rows, run_batch
+from tests.conftest import REPOSITORY, build_context, read_rows, run_batch
 from tests.images import small_images
 from tests.test_container import data_folder
 from batch.environment import Shard
-from tests.test_slurm import SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array, wait_for_part
+from tests.test_slurm import ON_THE_CPU, SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array, wait_for_part
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_submit_and_a_requeue_with_the_default_runtime(cluster, apptainer, sif, 
     env = {**apptainer.env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "BATCH_SIF": str(sif),
            "IMAGES_PER_TASK": "150", "SBATCH_OPTIONS": " ".join(SMALL_TASKS)}  # fmt: skip
     slow = ["--batch-size", "2", "--commit-every", "0", "--workers", "1"]
-    said = cluster(SUBMIT, str(folder / "in"), str(folder / "out"), *FAST, *slow, cwd=folder, env=env).stdout
+    said = cluster(SUBMIT, str(folder / "in"), str(folder / "out"), *ON_THE_CPU, *slow, cwd=folder, env=env).stdout
     array, summary = (re.search(rf"{kind} job:\s+(\d+)", said)[1] for kind in ("array", "summary"))
     wait_for_part(folder / "out", Shard(0, 2))
     cluster("scancel", "--signal=USR1", "--batch", f"{array}_0")

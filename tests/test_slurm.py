@@ -19,6 +19,9 @@ from tests.images import small_images
 CLASSIFY = str(REPOSITORY / "slurm" / "classify.sh")
 SUBMIT = str(REPOSITORY / "slurm" / "submit.sh")
 SMALL_TASKS = ["--cpus-per-task=1", "--mem=1G", "--time=00:20:00"]  # the script asks for 8 CPUs and 32G
+# The test node's GPUs are placeholders: under --device auto batch refuses to crawl on the CPU in a job
+# that was promised a GPU (test_a_job_promised_a_gpu_it_cannot_use_fails_at_once_and_says_why).
+ON_THE_CPU = (*FAST, "--device", "cpu")
 
 
 def job_env(cluster, **variables: str) -> dict[str, str]:
@@ -61,7 +64,7 @@ def test_a_bad_runtime_is_named(tmp_path):
 def test_an_array_of_three_tasks_covers_every_input_once(cluster, tmp_path):
     inputs = small_images(tmp_path / "in", 30)
     output = tmp_path / "out"
-    array = sbatch(cluster, "--array=0-2", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *FAST,
+    array = sbatch(cluster, "--array=0-2", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *ON_THE_CPU,
                    cwd=tmp_path, env=job_env(cluster))  # fmt: skip
     states = cluster.wait_until_done([f"{array}_{task}" for task in range(3)])
     assert set(states.values()) == {"COMPLETED"}, states
@@ -72,11 +75,24 @@ def test_an_array_of_three_tasks_covers_every_input_once(cluster, tmp_path):
     assert sum(int(re.search(r"classified (\d+) images", log)[1]) for log in logs) == 30
 
 
+def test_a_job_promised_a_gpu_it_cannot_use_fails_at_once_and_says_why(cluster, tmp_path):
+    """The script asks for a GPU (--gres=gpu:1), and the test node's are placeholders CUDA cannot use:
+    batch exits 2 before any work instead of running on the CPU, 30 to 100 times slower, for hours."""
+    small_images(tmp_path / "in", 3)
+    job = sbatch(cluster, "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(tmp_path / "out"), *FAST,
+                 cwd=tmp_path, env=job_env(cluster))  # fmt: skip
+    assert cluster.wait_until_done([job]) == {job: "FAILED"}
+    said = " ".join((tmp_path / "log.out").read_text().split())
+    assert re.search(r"--device auto: a GPU was promised \(SLURM_\w+=\S+\) but CUDA cannot be used: ", said), said
+    assert "pass --device cpu to run on the CPU on purpose" in said
+    assert not list((tmp_path / "out").iterdir()), "nothing written"
+
+
 def test_a_requeued_task_and_a_warned_task_still_end_with_every_input_once(cluster, tmp_path):
     inputs = small_images(tmp_path / "in", 900)
     output = tmp_path / "out"
     slow = ["--batch-size", "2", "--commit-every", "0", "--workers", "1"]
-    array = sbatch(cluster, "--array=0-2", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *FAST, *slow,
+    array = sbatch(cluster, "--array=0-2", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *ON_THE_CPU, *slow,
                    cwd=tmp_path, env=job_env(cluster))  # fmt: skip
     wait_for_part(output, Shard(0, 3))
     cluster("scontrol", "requeue", f"{array}_0")  # as an administrator or a preemption would
@@ -96,7 +112,7 @@ def test_a_requeued_task_and_a_warned_task_still_end_with_every_input_once(clust
 def submit(cluster, tmp_path: Path, *options: str, per_task: int = 5) -> tuple[str, str, str]:
     """slurm/submit.sh as a user runs it; its output, and the array and summary job ids ("" if none)."""
     env = job_env(cluster, IMAGES_PER_TASK=str(per_task), SBATCH_OPTIONS=" ".join(SMALL_TASKS))
-    said = cluster(SUBMIT, str(tmp_path / "in"), str(tmp_path / "out"), *FAST, *options, cwd=tmp_path, env=env)
+    said = cluster(SUBMIT, str(tmp_path / "in"), str(tmp_path / "out"), *ON_THE_CPU, *options, cwd=tmp_path, env=env)
     jobs = [re.search(rf"{kind} job:\s+(\d+)", said.stdout) for kind in ("array", "summary")]
     return said.stdout + said.stderr, *(job[1] if job else "" for job in jobs)
 
@@ -148,7 +164,7 @@ def run_container_array(cluster, podman, folder: Path, env: dict[str, str]) -> s
     inputs = small_images(folder / "in", 12)
     (folder / "out").mkdir()
     podman.give(folder)
-    array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(folder / "in"), str(folder / "out"), *FAST,
+    array = sbatch(cluster, "--array=0-1", *SMALL_TASKS, CLASSIFY, str(folder / "in"), str(folder / "out"), *ON_THE_CPU,
                    cwd=folder, env={**env, "SLURM_CONF": cluster.env["SLURM_CONF"]})  # fmt: skip
     states = cluster.wait_until_done([f"{array}_0", f"{array}_1"])
     logs = "".join(path.read_text() for path in folder.glob("classify-*.out"))
@@ -323,12 +339,23 @@ def test_a_bad_requeue_limit_is_named(tmp_path):
 def test_two_tasks_of_one_job_cover_every_input_once(cluster, tmp_path):
     inputs = small_images(tmp_path / "in", 20)
     output = tmp_path / "out"
-    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *FAST,
+    job = sbatch(cluster, "--ntasks=2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path / "in"), str(output), *ON_THE_CPU,
                  cwd=tmp_path, env=job_env(cluster))  # fmt: skip
     assert cluster.wait_until_done([job]) == {job: "COMPLETED"}, (tmp_path / "log.out").read_text()
     assert_every_input_once(output, inputs)
     log = (tmp_path / "log.out").read_text()
     assert "2 tasks: each runs this script through srun" in log and "shard 0 of 2" in log and "shard 1 of 2" in log
+
+
+def test_two_tasks_of_a_job_with_two_gpus_get_one_each(cluster, tmp_path):
+    """srun --gpus-per-task=1 where the node has a GPU for each task; with fewer, they share (test above)."""
+    fake_bin, log = fakes(tmp_path / "bin", batch='echo "task $SLURM_PROCID: $SLURM_STEP_GPUS $CUDA_VISIBLE_DEVICES" >>"$FAKE_LOG"\n')
+    env = job_env(cluster, PATH=f"{fake_bin}:{os.environ['PATH']}", FAKE_LOG=str(log))
+    job = sbatch(cluster, "--ntasks=2", "--gres=gpu:2", "--output=log.out", *SMALL_TASKS, CLASSIFY, str(tmp_path),
+                 str(tmp_path / "out"), cwd=tmp_path, env=env)  # fmt: skip
+    assert cluster.wait_until_done([job]) == {job: "COMPLETED"}, (tmp_path / "log.out").read_text()
+    assert sorted(log.read_text().splitlines()) == ["task 0: 0 0", "task 1: 1 1"]
+    assert "2 tasks: each runs this script through srun with a GPU of its own" in (tmp_path / "log.out").read_text()
 
 
 def test_two_tasks_get_usr1_through_srun_and_requeue_up_to_the_limit(cluster, tmp_path):
