@@ -47,8 +47,8 @@ mkdir -p "$out"
 report=$out/report.md log=$out/steps.log
 failed=()
 
-# NAME LIMIT COMMAND...: run it within LIMIT seconds; what it prints goes to the report (the last 40
-# lines), its errors to the log alone.
+# NAME LIMIT COMMAND...: run it within LIMIT seconds; what it prints goes to the log and (its last 40
+# lines) to the report, its errors to the log alone.
 step() {
     local name=$1 limit=$2 started=$SECONDS status=0
     shift 2
