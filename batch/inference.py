@@ -95,10 +95,6 @@ class Classifier:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def predict(self, pixels: torch.Tensor) -> Predictions:
-        """pixels: uint8 (n, h, w, 3); waits for the answers."""
-        return self.submit(pixels).result()
-
     @torch.inference_mode()
     def submit(self, pixels: torch.Tensor) -> Pending:
         """Start classifying uint8 (n, h, w, 3). When it returns, the pixels have been read: their memory

@@ -153,14 +153,14 @@ def fit_batch_size(requested: int | None, device: torch.device, workers: int, cr
     share of the task's memory: 16 workers' slots of 256 crops of 600 px would take 8.9 GB. Fewer
     but larger pictures keep a GPU as busy."""
     size = requested or default_batch_size(device)
-    budget = env.memory() // SHARED_MEMORY_SHARE
-    per_picture = max(workers, 1) * SLOTS * crop * crop * 3
-    fits = max(1, budget // per_picture)
+    memory, holders = env.memory(), max(workers, 1)
+    per_picture = holders * SLOTS * crop * crop * 3
+    fits = max(1, memory // SHARED_MEMORY_SHARE // per_picture)
     if size <= fits:
         return size
-    held = (f"{max(workers, 1)} workers x {SLOTS} batches of {size} crops of {crop} px take "
+    held = (f"{holders} workers x {SLOTS} batches of {size} crops of {crop} px take "
             f"{size * per_picture / 2**20:,.0f} MiB, over 1/{SHARED_MEMORY_SHARE} of this task's "
-            f"{env.memory() / 2**20:,.0f} MiB of memory")  # fmt: skip
+            f"{memory / 2**20:,.0f} MiB of memory")  # fmt: skip
     if requested:
         log.warning("%s: --batch-size %d may run out of memory", held, size)
         return size

@@ -67,7 +67,7 @@ def test_the_head_runs_in_fp32_under_bf16_autocast_on_the_gpu():
     head = [module for module in classifier.network.modules() if isinstance(module, nn.Linear)][-1]
     seen = {}
     head.register_forward_hook(lambda _module, inputs, output: seen.update(inputs=inputs[0], logits=output))
-    answers = classifier.predict(torch.randint(0, 256, (5, 224, 224, 3), dtype=torch.uint8))
+    answers = classifier.submit(torch.randint(0, 256, (5, 224, 224, 3), dtype=torch.uint8)).result()
     assert seen["inputs"].dtype == seen["logits"].dtype == torch.float32
     assert seen["logits"].shape[0] == 8, "batches run padded to the batch size"
     assert answers.topk_ids.shape == (5, 5) and answers.embeddings.shape == (5, 1280)

@@ -75,7 +75,7 @@ def test_the_head_runs_in_fp32_under_bf16_autocast():
     seen = {}
     head.register_forward_hook(lambda _module, inputs, output: seen.update(inputs=inputs[0], logits=output))
     pixels = torch.randint(0, 256, (4, 224, 224, 3), dtype=torch.uint8)
-    answers = classifier.predict(pixels)
+    answers = classifier.submit(pixels).result()
     assert seen["inputs"].dtype == seen["logits"].dtype == torch.float32
     with torch.inference_mode():
         expected = F.linear(seen["inputs"], head.weight, head.bias).softmax(dim=1).topk(5, dim=1).values
