@@ -6,23 +6,28 @@ inside a container is one input, named `CONTAINER/MEMBER` (`/data/shard-000017.t
 name is unambiguous, and it hashes into a bucket like any file's name, so one big container's images
 spread over every shard. Nothing is ever unpacked to disk.
 
-Listing a tar reads its 512-byte headers (and the small `KEY.json` members, for their url) and seeks
-over the images; an image's bytes are one contiguous range of the file, read with one `os.pread`. A Parquet file is read by row group: the worker keeps the
-image column of one row group (its last) in memory, never the whole file. `batch report` finds the
-members it shows by their names alone (`locate`), and reads them with the same Reader.
+Listing a tar reads its 512-byte headers (and the small `.json` members, for their url) and seeks
+over the images; an image's bytes are one contiguous range of the file, read with one `os.pread`, or
+streamed when large. A Parquet file is read by row group: the worker keeps the image column of one
+row group (its last) in memory, never the whole file. `batch report` finds the members it shows by
+their names alone (`locate`), and opens them with the same Reader.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import tarfile
 from collections import defaultdict
 from typing import BinaryIO, Callable, Iterable, Iterator
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch.manifest import LAYOUT_KEY as MANIFEST_KEY
 from batch.manifest import Found
 from batch.paths import readable
 
@@ -30,6 +35,9 @@ TAR_EXTENSION = ".tar"
 PARQUET_EXTENSION = ".parquet"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "bytes")  # img2dataset writes `jpg`
 BLOCK = 512
+WHOLE_READ_BYTES = 16 << 20  # members up to this size are read with one pread; larger ones are streamed
+
+log = logging.getLogger(__name__)
 
 
 class MemberError(Exception):
@@ -46,38 +54,91 @@ def webdataset_key(member: str) -> str:
     return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
 
 
+def stem(member: str) -> str:
+    """The member name up to its last extension (`sample.0001.jpg` -> `sample.0001`): the name a writer
+    gave the sample, which `sample.0001.json` shares."""
+    folder, _, base = member.rpartition("/")
+    return f"{folder}/{base.rsplit('.', 1)[0]}" if folder else base.rsplit(".", 1)[0]
+
+
+def is_hidden(name: str) -> bool:
+    """A name whose last part starts with a dot (`._x.jpg`, `.DS_Store`), as macOS and editors leave them:
+    WebDataset's reader drops one at the top of a tar (its key needs a character before the first dot)."""
+    return name.rpartition("/")[2].startswith(".")
+
+
+def climbs_out(member: str) -> bool:
+    """Whether CONTAINER/MEMBER, normalised, could name something else: a file outside the container,
+    or another member (`a/../b.jpg` is `b.jpg`)."""
+    return member.startswith("/") or ".." in member.split("/")
+
+
+def member_path(container: str, member: str) -> str:
+    """The input's name: CONTAINER/MEMBER, with a name that would climb out (`../x.jpg`, `/etc/x.jpg`)
+    escaped into one part (`..%2Fx.jpg`), so that no normalising reader takes it for another file."""
+    return f"{container}/{quote(member, safe='') if climbs_out(member) else member}"
+
+
 def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
-    """The image members of a plain tar, from its headers alone; `KEY.json`'s `url` is carried to KEY's image.
+    """The image members of a plain tar, from its headers alone, each with the url of the `.json` written
+    for it: the member of the same stem (`sample.0001.json` for `sample.0001.jpg`), else the only `.json`
+    of its WebDataset key (`0001.json` for `0001.seg.png`). Its `key` is its own json's stem (the writer's
+    key) where it has one, else the WebDataset key. Hidden members are skipped, as WebDataset skips them.
 
     A tar that ends early or breaks midway keeps every member before the break as an input (a member
     whose data the end cuts gets the row `truncated: ...`), and gets one row of its own, `CONTAINER/`,
     saying where it broke: the members after that cannot be found, so that row is what tells of them."""
-    images: list[tuple[str, tarfile.TarInfo]] = []
-    urls: dict[str, str] = {}
+    images: list[tarfile.TarInfo] = []
+    jsons = _Jsons()
     broken = None
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, "r:") as tar:
             while (info := tar.next()) is not None:
                 tar.members.clear()  # a tar of a million members must not hold a million headers
-                if not info.isfile():
+                if not info.isfile() or is_hidden(info.name):
                     continue
                 if is_image(info.name):
-                    images.append((readable(webdataset_key(info.name)), info))
+                    images.append(info)
                 elif info.name.lower().endswith(".json") and info.size < 1 << 20:
-                    url = _url(tar, info)
-                    if url:
-                        urls[readable(webdataset_key(info.name))] = url
+                    jsons.add(info.name, _url(tar, info))
             broken = _where_it_broke(tar.fileobj, tar.offset, size)
     except tarfile.ReadError as error:
         cut = "unexpected end of data" in str(error)
         broken = _truncated(size) if cut else f"broken tar: {error}"
     except (tarfile.TarError, OSError) as error:
         broken = f"broken tar: {error}"
-    for key, info in images:
-        yield Found(f"{path}/{info.name}", info.size, int(info.mtime * 1e9), path, info.offset_data, key, urls.get(key))
+    climbing = [info.name for info in images if climbs_out(info.name)]
+    if climbing:
+        log.warning("%s: %d members have names with '..' or a leading '/' (%s): their rows name them escaped, "
+                    "as %s", path, len(climbing), climbing[0], member_path(path, climbing[0]))  # fmt: skip
+    for info in images:
+        key, url = jsons.of(info.name)
+        yield Found(member_path(path, info.name), info.size, int(info.mtime * 1e9), path, info.offset_data,
+                    readable(key), url)  # fmt: skip
     if broken:
         yield Found(f"{path}/", None, None, path, None, None, None, broken)
+
+
+class _Jsons:
+    """The `.json` members of a tar, by stem, and which of them each WebDataset key holds."""
+
+    def __init__(self) -> None:
+        self.urls: dict[str, str | None] = {}
+        self.stems_of_key: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, name: str, url: str | None) -> None:
+        self.urls[stem(name)] = url
+        self.stems_of_key[webdataset_key(name)].append(stem(name))
+
+    def of(self, image: str) -> tuple[str, str | None]:
+        """The image's key and url: from its own json, else its key's one json, else the key and no url."""
+        own = stem(image)
+        if own in self.urls:
+            return own, self.urls[own]
+        key = webdataset_key(image)
+        only = self.stems_of_key.get(key, [])
+        return (key, self.urls[only[0]]) if len(only) == 1 else (key, None)
 
 
 def _url(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
@@ -114,26 +175,41 @@ def _is_bytes(kind: pa.DataType) -> bool:
 
 
 def list_image_table(path: str) -> Iterator[Found]:
-    """The rows of a Parquet file of image bytes, reading only `key` and `url`. A row is named by its key
-    (`KEY.jpg`) when every row has one and no key repeats; else every row of the file by its row number
-    (`row-000000123.jpg`), so that no two rows share a name."""
+    """The rows of a Parquet file of image bytes, reading only `key`, `url` and img2dataset's `status`
+    and `error_message`. A row is named by its key (`KEY.jpg`) when every row has one and no key
+    repeats; else every row of the file by its row number (`row-000000123.jpg`), so that no two rows
+    share a name. A row img2dataset failed to download carries its reason as its error."""
     handle = pq.ParquetFile(path)
     column = image_column(handle.schema_arrow)
-    wanted = [name for name in ("key", "url") if name in handle.schema_arrow.names]
-    table = handle.read(columns=wanted) if wanted else pa.table({})
-    keys = table.column("key").cast(pa.string()).to_pylist() if "key" in wanted else [None] * handle.metadata.num_rows
-    urls = table.column("url").cast(pa.string()).to_pylist() if "url" in wanted else [None] * len(keys)
+    wanted = [name for name in ("key", "url", "status", "error_message") if name in handle.schema_arrow.names]
+    table = handle.read(columns=wanted)
+    rows = handle.metadata.num_rows
+    keys, urls, statuses, messages = (
+        table.column(name).cast(pa.string()).to_pylist() if name in wanted else [None] * rows
+        for name in ("key", "url", "status", "error_message")
+    )
     by_key = None not in keys and len(set(keys)) == len(keys)
-    for row, (key, url) in enumerate(zip(keys, urls)):
+    for row, (key, url, status, message) in enumerate(zip(keys, urls, statuses, messages)):
         name = f"{key}.{column}" if by_key else f"row-{row:09d}.{column}"
-        yield Found(f"{path}/{name}", None, None, path, row, key, url)
+        yield Found(member_path(path, name), None, None, path, row, key, url, _failure(status, message))
+
+
+def _failure(status: str | None, message: str | None) -> str | None:
+    """img2dataset's reason for a row without an image: `failed_to_download` -> `download failed: ...`."""
+    if status in (None, "success"):
+        return None
+    what = f"{status.removeprefix('failed_to_')} failed" if status.startswith("failed_to_") else status
+    return f"{what}: {message or 'no message'}"
 
 
 def is_image_table(path: str) -> bool:
+    """A Parquet file of images: a column of image bytes, and not a manifest of `batch index` (whose
+    metadata says so). A `path` column beside the images is the images' own metadata."""
     try:
-        return image_column(pq.read_schema(path)) is not None
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return False
+    return image_column(schema) is not None and MANIFEST_KEY not in (schema.metadata or {})
 
 
 def container_of(path: str) -> str | None:
@@ -172,7 +248,7 @@ def _listed(container: str, members: set[str]) -> tuple[dict[str, Found], str]:
     if not os.path.isfile(container):
         return {}, f"{kind} gone"
     if is_tar_name(container):
-        listed = {found.path: found for found in list_tar(container, lambda name: f"{container}/{name}" in members)}
+        listed = {found.path: found for found in list_tar(container, lambda name: member_path(container, name) in members)}
         broken = listed.pop(f"{container}/", None)
         return listed, broken.error if broken else "no longer in the tar"
     try:
@@ -185,35 +261,40 @@ def _listed(container: str, members: set[str]) -> tuple[dict[str, Found], str]:
 
 
 class Reader:
-    """Reads members in a decoding worker, keeping the last container open (one open per container, not
+    """Opens members in a decoding worker, keeping the last container open (one open per container, not
     per member: opens are what a parallel file system runs out of) and, for Parquet, the image column of
-    the last row group read: a worker's memory is one row group's images, whatever the file's size."""
+    the last row group read: a worker's memory is one row group's images, whatever the file's size. A
+    tar member over WHOLE_READ_BYTES is streamed, so the decoder reads its header (and can refuse it)
+    before the rest, and a worker never holds a whole-slide picture's gigabytes."""
 
     def __init__(self) -> None:
-        self._descriptor: tuple[str, int] | None = None
+        self._descriptor: tuple[str, int, int] | None = None  # file, descriptor, size
         self._group: tuple[str, int, int, pa.Array] | None = None  # file, row group, its first row, images
 
-    def read(self, member: Found) -> bytes:
+    def open(self, member: Found) -> BinaryIO:
         if member.error:
             raise MemberError(member.error)
         if member.container.lower().endswith(PARQUET_EXTENSION):
-            return self._row(member.container, member.offset)
+            return io.BytesIO(self._row(member.container, member.offset))
         return self._range(member.container, member.offset, member.size)
 
-    def _range(self, container: str, offset: int, size: int) -> bytes:
+    def _range(self, container: str, offset: int, size: int) -> BinaryIO:
         if self._descriptor is None or self._descriptor[0] != container:
             self.close()
             try:
-                self._descriptor = (container, os.open(container, os.O_RDONLY))
+                descriptor = os.open(container, os.O_RDONLY)
             except OSError as error:
                 raise MemberError(f"read error: cannot open {container}: {error.strerror or error}") from None
-        try:
-            data = os.pread(self._descriptor[1], size, offset)
-        except OSError as error:
-            raise MemberError(f"read error: {error.strerror or error}") from None
+            self._descriptor = (container, descriptor, os.fstat(descriptor).st_size)
+        _, descriptor, length = self._descriptor
+        if offset + size > length:
+            raise MemberError(_cut(max(length - offset, 0), size))
+        if size > WHOLE_READ_BYTES:
+            return io.BufferedReader(_MemberStream(descriptor, offset, size), buffer_size=1 << 20)
+        data = _pread(descriptor, size, offset)
         if len(data) < size:
-            raise MemberError(f"truncated: the tar ends {len(data)} bytes into this member's {size}")
-        return data
+            raise MemberError(_cut(len(data), size))
+        return io.BytesIO(data)
 
     def _row(self, container: str, row: int) -> bytes:
         group = self._group
@@ -232,6 +313,58 @@ class Reader:
         if self._descriptor is not None:
             os.close(self._descriptor[1])
             self._descriptor = None
+
+
+def _pread(descriptor: int, count: int, offset: int) -> bytes:
+    """COUNT bytes at OFFSET, or fewer where the file ends, in as many reads as it takes: Linux returns
+    at most about 2 GB from one."""
+    parts, done = [], 0
+    while done < count:
+        try:
+            part = os.pread(descriptor, count - done, offset + done)
+        except OSError as error:
+            raise MemberError(f"read error: {error.strerror or error}") from None
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _cut(read: int, size: int) -> str:
+    return f"truncated: the tar ends {read} bytes into this member's {size}"
+
+
+class _MemberStream(io.RawIOBase):
+    """A tar member's byte range as a seekable file, read with pread (the descriptor is shared)."""
+
+    def __init__(self, descriptor: int, offset: int, size: int) -> None:
+        self._descriptor, self._offset, self._size, self._position = descriptor, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(base + position, 0)
+        return self._position
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - any writable buffer
+        count = min(len(buffer), self._size - self._position)
+        if count <= 0:
+            return 0
+        data = _pread(self._descriptor, count, self._offset + self._position)
+        if len(data) < count:
+            raise MemberError(_cut(self._position + len(data), self._size))
+        buffer[:count] = data
+        self._position += len(data)
+        return len(data)
 
 
 def _row_group_holding(container: str, row: int) -> tuple[str, int, int, pa.Array]:

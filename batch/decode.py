@@ -8,7 +8,6 @@ Pixels stay uint8 (HWC, which is channels_last for the model); normalisation hap
 from __future__ import annotations
 
 import errno
-import io
 import os
 import stat
 import warnings
@@ -76,7 +75,7 @@ _members = Reader()  # this process's open container, kept from one member to th
 def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None) -> Decoded:
     """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes."""
     try:
-        handle = _open_regular_file(path) if member is None else io.BytesIO(_read_member(member))
+        handle = _open_regular_file(path) if member is None else _open_member(member)
     except _Unreadable as problem:
         return Decoded(index, error=str(problem))
     with handle:  # kept open past a failed decode, whose first bytes say what the file is instead
@@ -86,6 +85,8 @@ def decode(index: int, path: str, preprocess: Preprocess, member: Found | None =
                 if width * height > MAX_PIXELS:
                     return Decoded(index, error=_too_large(width, height))
                 pixels, (width, height) = _preprocess(image, preprocess)
+        except MemberError as problem:  # a streamed member whose tar ends before it does
+            return Decoded(index, error=str(problem))
         except Image.DecompressionBombError:
             return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
         except UnidentifiedImageError:
@@ -128,14 +129,15 @@ def _open_regular_file(path: str) -> BinaryIO:
     return os.fdopen(descriptor, "rb")
 
 
-def _read_member(member: Found) -> bytes:
+def _open_member(member: Found) -> BinaryIO:
     try:
-        data = _members.read(member)
+        handle = _members.open(member)
     except MemberError as problem:
         raise _Unreadable(str(problem)) from None
-    if not data:
+    if not handle.read(1):
         raise _Unreadable("empty file: 0 bytes")
-    return data
+    handle.seek(0)
+    return handle
 
 
 def _os_error(error: OSError) -> str:

@@ -34,7 +34,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from batch import containers
 from batch.commit import list_parts
 from batch.decode import to_rgb
-from batch.manifest import Found
 from batch.summary import Throughput, connect
 from batch.writer import read_record
 
@@ -193,7 +192,7 @@ def _card(picture: Picture, thumbnail: Thumbnail) -> str:
 def thumbnails(names: list[str]) -> dict[str, Thumbnail]:
     """Each name's thumbnail. Members of tars and Parquet files are read first, container by container."""
     with closing(containers.Reader()) as reader:
-        shown = {member.path: thumbnail(partial(_read, reader, member)) for member in containers.locate(names)}
+        shown = {member.path: thumbnail(partial(reader.open, member)) for member in containers.locate(names)}
     return shown | {name: thumbnail(partial(_open, name)) for name in dict.fromkeys(names) if name not in shown}
 
 
@@ -223,10 +222,6 @@ def thumbnail(opened: Callable[[], BinaryIO]) -> Thumbnail:
 
 class _NotAFile(OSError):
     """A folder, FIFO or device where the picture was."""
-
-
-def _read(reader: containers.Reader, member: Found) -> BinaryIO:
-    return io.BytesIO(reader.read(member))
 
 
 def _open(name: str) -> BinaryIO:

@@ -9,6 +9,7 @@ walks the whole tree: index big collections once instead).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -21,6 +22,8 @@ from batch.paths import BUCKETS, bucket_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
+log = logging.getLogger(__name__)
+
 
 class SourceError(ValueError):
     """A source the user named cannot be used; the message names it."""
@@ -31,8 +34,10 @@ def is_image_name(name: str) -> bool:
 
 
 def is_input_name(name: str) -> bool:
-    """What a folder walk keeps: images, and tars of them."""
-    return is_image_name(name) or containers.is_tar_name(name)
+    """What a folder walk keeps: images, tars and Parquet files (those of images are read, the others
+    skipped by `_expand`), never hidden files (`._x.jpg` from macOS), as WebDataset skips them in tars."""
+    packed = containers.is_tar_name(name) or name.lower().endswith(containers.PARQUET_EXTENSION)
+    return not containers.is_hidden(name) and (is_image_name(name) or packed)
 
 
 def check_sources(sources: Iterable[str]) -> None:
@@ -47,19 +52,31 @@ def check_sources(sources: Iterable[str]) -> None:
                 raise SourceError(f"source directory cannot be read: {target}")
         elif not os.path.exists(target):
             raise SourceError(f"source is a dangling symlink: {target}")
-        elif source.startswith("@") or is_manifest(target) or containers.is_tar_name(target):
+        elif source.startswith("@") or is_parquet_name(target) or containers.is_tar_name(target):
             if not os.access(target, os.R_OK):
                 raise SourceError(f"cannot read {target}")
-            if is_manifest(target) and not (_has_path_column(target) or containers.is_image_table(target)):
-                raise SourceError(
-                    f"{target} is neither a manifest (a 'path' column) nor a Parquet file of images "
-                    f"(a binary column named one of {', '.join(containers.IMAGE_COLUMNS)})"
-                )
+            if is_parquet_name(target):
+                _check_parquet(target)
         elif not is_image_name(target):
             raise SourceError(
                 f"source is neither a folder, an image, a tar, a @list nor a Parquet file: {target} "
                 f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
+
+
+def _check_parquet(source: str) -> None:
+    """A Parquet source is a manifest or a file of images, decided by its content; say which when both
+    could be meant."""
+    if containers.is_image_table(source):
+        if _has_path_column(source):
+            column = containers.image_column(pq.read_schema(source))
+            log.info("%s has a 'path' column and image bytes in '%s', and no batch.manifest metadata: "
+                     "reading its images, not the files its paths name", source, column)  # fmt: skip
+    elif not _has_path_column(source):
+        raise SourceError(
+            f"{source} is neither a manifest (a 'path' column) nor a Parquet file of images "
+            f"(a binary column named one of {', '.join(containers.IMAGE_COLUMNS)})"
+        )
 
 
 def _has_path_column(source: str) -> bool:
@@ -69,8 +86,14 @@ def _has_path_column(source: str) -> bool:
         return False
 
 
+def is_parquet_name(source: str) -> bool:
+    return not source.startswith("@") and source.lower().endswith(containers.PARQUET_EXTENSION) and not os.path.isdir(source)
+
+
 def is_manifest(source: str) -> bool:
-    return not source.startswith("@") and source.lower().endswith(".parquet") and not os.path.isdir(source)
+    """A Parquet file of the paths to classify: one `batch index` wrote (its metadata says so), or any
+    other with a `path` column and no image bytes (`containers.is_image_table`)."""
+    return is_parquet_name(source) and _has_path_column(source) and not containers.is_image_table(source)
 
 
 @dataclass
@@ -92,7 +115,7 @@ def gather(sources: Iterable[str], buckets: range = range(BUCKETS)) -> Inputs:
 
 
 def _in_buckets(source: str, buckets: range) -> Iterator[manifest.Found]:
-    if is_manifest(source) and _has_path_column(source):
+    if is_manifest(source):
         yield from manifest.found_in(manifest.read(source, buckets))
     else:
         yield from (item for item in _expand(source, facts=False) if bucket_of(item.path) in buckets)
@@ -109,7 +132,7 @@ def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
 
     def everything() -> Iterator[manifest.Found]:
         for source in sources:
-            if is_manifest(source) and _has_path_column(source):
+            if is_manifest(source):
                 raise SourceError(f"{source} is a manifest already: index the folders it was made from")
             for found in _expand(source, threads):
                 counter.tick()
@@ -127,13 +150,32 @@ def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iter
         found = manifest.walk(source, is_input_name, threads, facts)
     else:
         found = [manifest.describe(os.path.abspath(source), facts)]
+    inputs, skipped = 0, []
     for item in found:
         if containers.is_tar_name(item.path) and os.path.isfile(item.path):
-            yield from containers.list_tar(item.path, is_image_name)
-        elif is_manifest(item.path) and containers.is_image_table(item.path):
-            yield from containers.list_image_table(item.path)
+            listed: Iterable[manifest.Found] = containers.list_tar(item.path, is_image_name)
+        elif is_parquet_name(item.path):
+            if not containers.is_image_table(item.path):
+                skipped.append(item.path)
+                continue
+            listed = containers.list_image_table(item.path)
         else:
-            yield item
+            listed = [item]
+        for each in listed:
+            inputs += 1
+            yield each
+    _tell(source, inputs, skipped)
+
+
+def _tell(source: str, inputs: int, skipped: list[str]) -> None:
+    """Say what a source held where it could surprise: Parquet files passed over, or nothing at all."""
+    if skipped:
+        log.info("%s: %d Parquet files without image bytes passed over (manifests, results, or metadata as "
+                 "img2dataset writes beside its tars), such as %s; name a manifest as a source to use it",
+                 source, len(skipped), skipped[0])  # fmt: skip
+    if not inputs:
+        log.warning("%s holds no images, tars of images or Parquet files of images (image extensions: %s)",
+                    source, ", ".join(sorted(IMAGE_EXTENSIONS)))  # fmt: skip
 
 
 def read_list(list_file: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:

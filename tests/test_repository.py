@@ -172,6 +172,7 @@ def claims() -> list[tuple[str, object]]:
         ("the {} least confident predictions", report.LEAST_CONFIDENT),
         ("at most {} thumbnails, {} px on the longer side and under {:.0f} KB each",
          (report.GRID_LABELS * report.PER_LABEL + report.LEAST_CONFIDENT, report.THUMBNAIL, report.THUMBNAIL_BYTES / 1000)),
+        ("a worker reads an image of up to {} MiB with one `pread`", containers.WHOLE_READ_BYTES >> 20),
         ("with a binary column named {} (the first of these it has)",
          ", ".join(f"`{name}`" for name in containers.IMAGE_COLUMNS[:-1]) + f" or `{containers.IMAGE_COLUMNS[-1]}`"),
     ]  # fmt: skip

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import tarfile
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import manifest, sources
+from batch.containers import BLOCK, WHOLE_READ_BYTES, MemberError, Reader
+from batch.decode import Preprocess, decode
 from batch.environment import Shard
 from benchmarks.packing import Sample, add_member, write_parquet, write_tar
 from tests.conftest import FAST, read_rows, run_batch
@@ -197,3 +200,151 @@ def test_a_member_that_crashes_its_decoder_costs_one_row(crashing_plugin, tmp_pa
     assert set(errors.values()) == {None}
     again = run_batch("classify", shard, table, "-o", output, *FAST, "--workers", "1", env=crashing_plugin)
     assert "nothing to classify" in again.stderr
+
+
+def test_each_image_gets_the_url_of_its_own_json_even_when_keys_have_dots(tmp_path):
+    """`sample.0001.jpg` beside `sample.0001.json`: WebDataset's key of both is `sample`."""
+    samples = [Sample(f"sample.{number:04d}", sample.image, sample.url) for number, sample in enumerate(small_samples(3))]
+    segmented = (PHOTOS / "rocket.jpg").read_bytes()
+    shard = write_tar(tmp_path / "shard.tar", samples)
+    with tarfile.open(shard, "a", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "0009.seg.jpg", segmented)  # no json of its own: its key's only json gives the url
+        add_member(tar, "0009.json", b'{"url": "https://example.org/nine"}')
+        add_member(tar, "twin.a.jpg", segmented)  # two jsons under key `twin`, neither its own: no url
+        add_member(tar, "twin.b.json", b'{"url": "https://example.org/b"}')
+        add_member(tar, "twin.c.json", b'{"url": "https://example.org/c"}')
+    index = tmp_path / "index.parquet"
+    run_batch("index", shard, "-o", index)
+    output = tmp_path / "out"
+    run_batch("classify", shard, "-o", output, *FAST, "--workers", "1")
+
+    expected = {f"{shard}/{sample.key}.jpg": (sample.key, sample.url) for sample in samples}
+    expected |= {f"{shard}/0009.seg.jpg": ("0009", "https://example.org/nine"), f"{shard}/twin.a.jpg": ("twin", None)}
+    assert {path: (row["key"], row["url"]) for path, row in by_path(output).items()} == expected
+    indexed = pq.read_table(index, columns=["path", "key", "url"]).to_pylist()
+    assert {row["path"]: (row["key"], row["url"]) for row in indexed} == expected
+
+
+def test_hidden_files_are_skipped_in_tars_and_folders_as_webdataset_skips_them(tmp_path):
+    folder = tmp_path / "photos"
+    shard = write_tar(folder / "shard.tar", photo_samples()[:1])
+    with tarfile.open(shard, "a", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "._0000000.jpg", b"\0\5\26\7 macOS resource fork")
+        add_member(tar, "deeper/.hidden.jpg", truncated_jpeg())
+    (folder / "._IMG_0001.jpg").write_bytes(b"\0\5\26\7 macOS resource fork")
+    (folder / "IMG_0001.jpg").write_bytes((PHOTOS / "coffee.jpg").read_bytes())
+    assert sources.collect([str(folder)]) == [str(folder / "IMG_0001.jpg"), f"{shard}/0000000.jpg"]
+    named = folder / "._IMG_0001.jpg"
+    assert sources.collect([str(named)]) == [str(named)], "a hidden file named as a source is still read"
+
+
+@pytest.mark.parametrize("name", ["../../escape.jpg", "/abs/path.jpg", "ok/../../x.jpg"])
+def test_a_member_name_with_dot_dot_or_a_leading_slash_gets_an_escaped_path(tmp_path, name):
+    """Normalised, `TAR/../../escape.jpg` names a file outside the tar, and `TAR/fine/../fine.jpg` another member."""
+    shard = tmp_path / "evil.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, name, (PHOTOS / "coffee.jpg").read_bytes())
+        add_member(tar, "fine/../fine.jpg", (PHOTOS / "rocket.jpg").read_bytes())
+        add_member(tar, "fine.jpg", (PHOTOS / "chelsea.jpg").read_bytes())
+    output = tmp_path / "out"
+    result = run_batch("classify", shard, "-o", output, *FAST, "--workers", "1")
+
+    rows = by_path(output)
+    escaped = f"{shard}/{name.replace('/', '%2F')}"
+    assert sorted(rows) == sorted([escaped, f"{shard}/fine%2F..%2Ffine.jpg", f"{shard}/fine.jpg"])
+    assert all(os.path.normpath(path).startswith(f"{shard}/") for path in rows), "normalised, each still names a member"
+    assert rows[escaped]["error"] is None and rows[escaped]["width"] == photo("coffee").width
+    assert "2 members have names with '..' or a leading '/'" in result.stderr
+    run_batch("report", output, "-o", tmp_path / "report.html")
+    assert "class=placeholder" not in (tmp_path / "report.html").read_text(), "every row shown has its thumbnail"
+
+
+def test_a_member_of_three_gigabytes_is_read_as_far_as_its_decoder_needs_and_never_held_whole(tmp_path):
+    """A 3 GiB member, all of it present (a sparse file): a JPEG, then zeros past its end. One pread
+    returns at most about 2 GB, and the member used to be read whole, then taken for a cut tar."""
+    shard, jpeg, size = tmp_path / "big.tar", (PHOTOS / "chelsea.jpg").read_bytes(), 3 << 30
+    info = tarfile.TarInfo("big.jpg")
+    info.size, info.mtime = size, 1_700_000_000
+    with open(shard, "wb") as handle:
+        handle.write(info.tobuf(tarfile.GNU_FORMAT))
+        handle.write(jpeg)
+        handle.truncate(BLOCK + size + 2 * BLOCK)  # the rest: zeros, not stored on disk; then the end of the tar
+    with tarfile.open(shard, "a", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "after.jpg", (PHOTOS / "rocket.jpg").read_bytes())
+    members = sources.gather([str(shard)]).members
+    tracemalloc.start()
+    try:
+        decoded = decode(0, f"{shard}/big.jpg", Preprocess(256, 224), members[f"{shard}/big.jpg"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (decoded.error, decoded.width, decoded.height) == (None, *photo("chelsea").size)
+    assert peak < 64 << 20, f"the worker held {peak / 2**20:.0f} MiB"
+
+    output = tmp_path / "out"
+    run_batch("classify", shard, "-o", output, *FAST, "--workers", "1")
+    assert [row["error"] for row in by_path(output).values()] == [None, None]
+
+
+def test_a_member_cut_by_the_end_of_its_tar_says_how_much_of_it_is_there(tmp_path):
+    big = bytes(WHOLE_READ_BYTES + 1)  # over the whole-read size: streamed, so cut while it is being read
+    shard = tmp_path / "cut.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "big.jpg", (PHOTOS / "coffee.jpg").read_bytes() + big)
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: BLOCK + 1000])
+    found = sources.gather([str(shard)]).members[f"{shard}/big.jpg"]
+    assert decode(0, found.path, Preprocess(256, 224), found).error == f"truncated: the tar ends 1000 bytes into this member's {found.size}"
+    shard.write_bytes(whole)
+    with open(shard, "r+b") as handle:  # the tar shrinks after it was listed, while the member is read
+        stream = Reader().open(found)
+        handle.truncate(BLOCK + 70_000)
+        with pytest.raises(MemberError, match=f"truncated: the tar ends 70000 bytes into this member's {found.size}"):
+            stream.read()
+
+
+def test_a_parquet_file_with_paths_and_images_is_read_for_its_images_and_says_so(tmp_path):
+    table = tmp_path / "listing.parquet"
+    images = [(PHOTOS / f"{name}.jpg").read_bytes() for name in NAMES]
+    pq.write_table(pa.table({"path": [f"/somewhere/{name}.jpg" for name in NAMES], "key": list(NAMES),
+                             "jpg": pa.array(images, pa.binary())}), table)  # fmt: skip
+    output = tmp_path / "out"
+    result = run_batch("classify", table, "-o", output, *FAST, "--workers", "1")
+    assert sorted(by_path(output)) == sorted(f"{table}/{name}.jpg" for name in NAMES)
+    assert {row["error"] for row in by_path(output).values()} == {None}
+    assert f"{table} has a 'path' column and image bytes in 'jpg', and no batch.manifest metadata" in result.stderr
+
+
+def test_a_folder_of_parquet_files_reads_those_of_images_and_passes_over_the_rest(tmp_path):
+    folder = tmp_path / "downloaded"
+    write_parquet(folder / "00000.parquet", small_samples(3))
+    write_parquet(folder / "00001.parquet", small_samples(2, first=3))
+    pq.write_table(pa.table({"key": ["a"], "status": ["success"]}), folder / "00002_metadata.parquet")
+    run_batch("index", folder, "-o", folder / "index.parquet")  # a manifest in the folder is passed over too
+    output = tmp_path / "out"
+    result = run_batch("classify", folder, "-o", output, *FAST, "--workers", "1")
+    assert len(by_path(output)) == 5
+    assert "2 Parquet files without image bytes passed over" in result.stderr
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    result = run_batch("classify", empty, "-o", tmp_path / "none", *FAST)
+    assert f"{empty} holds no images, tars of images or Parquet files of images" in result.stderr
+
+
+def test_img2dataset_failures_carry_its_own_reason_and_count_apart(tmp_path):
+    table = tmp_path / "00000.parquet"
+    image = (PHOTOS / "coffee.jpg").read_bytes()
+    pq.write_table(pa.table({
+        "key": ["000000000", "000000001", "000000002"],
+        "jpg": pa.array([image, None, None], pa.binary()),
+        "status": ["success", "failed_to_download", "failed_to_resize"],
+        "error_message": [None, "HTTP Error 404: Not Found", "cannot identify image file"],
+    }), table)  # fmt: skip
+    output = tmp_path / "out"
+    run_batch("classify", table, "-o", output, *FAST, "--workers", "1")
+    errors = {row["key"]: row["error"] for row in by_path(output).values()}
+    assert errors == {"000000000": None, "000000001": "download failed: HTTP Error 404: Not Found",
+                      "000000002": "resize failed: cannot identify image file"}  # fmt: skip
+    summary = run_batch("summary", output).stdout
+    assert re.search(r"1\s+download failed", summary) and re.search(r"1\s+resize failed", summary)
