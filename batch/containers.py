@@ -202,14 +202,23 @@ def _failure(status: str | None, message: str | None) -> str | None:
     return f"{what}: {message or 'no message'}"
 
 
-def is_image_table(path: str) -> bool:
-    """A Parquet file of images: a column of image bytes, and not a manifest of `batch index` (whose
-    metadata says so). A `path` column beside the images is the images' own metadata."""
+def footer(path: str) -> pa.Schema | None:
+    """A Parquet file's schema, from its footer alone; None where it cannot be read as Parquet."""
     try:
-        schema = pq.read_schema(path)
+        return pq.read_schema(path)
     except (OSError, pa.ArrowException):
-        return False
-    return image_column(schema) is not None and MANIFEST_KEY not in (schema.metadata or {})
+        return None
+
+
+def parquet_kind(schema: pa.Schema | None) -> str | None:
+    """What a Parquet file is, by its content: "images" (a column of image bytes, and not a manifest of
+    `batch index`, whose metadata says so; a `path` column beside the images is their own metadata),
+    "manifest" (a `path` column otherwise), or None (neither, or unreadable)."""
+    if schema is None:
+        return None
+    if image_column(schema) is not None and MANIFEST_KEY not in (schema.metadata or {}):
+        return "images"
+    return "manifest" if "path" in schema.names else None
 
 
 def container_of(path: str) -> str | None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batch import containers, manifest
 from batch.paths import BUCKETS, bucket_of
@@ -67,23 +66,16 @@ def check_sources(sources: Iterable[str]) -> None:
 def _check_parquet(source: str) -> None:
     """A Parquet source is a manifest or a file of images, decided by its content; say which when both
     could be meant."""
-    if containers.is_image_table(source):
-        if _has_path_column(source):
-            column = containers.image_column(pq.read_schema(source))
-            log.info("%s has a 'path' column and image bytes in '%s', and no batch.manifest metadata: "
-                     "reading its images, not the files its paths name", source, column)  # fmt: skip
-    elif not _has_path_column(source):
+    schema = containers.footer(source)
+    kind = containers.parquet_kind(schema)
+    if kind is None:
         raise SourceError(
             f"{source} is neither a manifest (a 'path' column) nor a Parquet file of images "
             f"(a binary column named one of {', '.join(containers.IMAGE_COLUMNS)})"
         )
-
-
-def _has_path_column(source: str) -> bool:
-    try:
-        return "path" in pq.read_schema(source).names
-    except (OSError, pa.ArrowException):
-        return False
+    if kind == "images" and "path" in schema.names:
+        log.info("%s has a 'path' column and image bytes in '%s', and no batch.manifest metadata: "
+                 "reading its images, not the files its paths name", source, containers.image_column(schema))  # fmt: skip
 
 
 def is_parquet_name(source: str) -> bool:
@@ -91,9 +83,12 @@ def is_parquet_name(source: str) -> bool:
 
 
 def is_manifest(source: str) -> bool:
-    """A Parquet file of the paths to classify: one `batch index` wrote (its metadata says so), or any
-    other with a `path` column and no image bytes (`containers.is_image_table`)."""
-    return is_parquet_name(source) and _has_path_column(source) and not containers.is_image_table(source)
+    """A Parquet file of the paths to classify (`containers.parquet_kind`)."""
+    return is_parquet_name(source) and _kind(source) == "manifest"
+
+
+def _kind(path: str) -> str | None:
+    return containers.parquet_kind(containers.footer(path))
 
 
 @dataclass
@@ -155,7 +150,7 @@ def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iter
         if containers.is_tar_name(item.path) and os.path.isfile(item.path):
             listed: Iterable[manifest.Found] = containers.list_tar(item.path, is_image_name)
         elif is_parquet_name(item.path):
-            if not containers.is_image_table(item.path):
+            if _kind(item.path) != "images":
                 skipped.append(item.path)
                 continue
             listed = containers.list_image_table(item.path)
