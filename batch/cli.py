@@ -12,6 +12,7 @@ import sys
 import click
 
 import batch
+from batch import transient
 from batch.stopping import StopRequest
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -39,6 +40,22 @@ class Triple(click.ParamType):
         if len(numbers) != 3:
             self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
         return numbers
+
+
+RETRY_FAILED = click.option("--retry-failed", is_flag=True,
+                            help="Also take the inputs whose rows failed; classify puts each new row in the old one's place.")
+RETRY_KIND = click.option("--retry-kind", "retry_kinds", multiple=True, metavar="KIND",
+                          help="With --retry-failed, only errors of this kind ('io error', 'decoder crashed'...); "
+                               "repeatable.")  # fmt: skip
+
+
+def _retry(retry_failed: bool, retry_kinds: tuple[str, ...]):  # -> RetryFailed | None, imported late
+    """The RetryFailed that --retry-failed and --retry-kind ask for, or None."""
+    from batch.commit import RetryFailed
+
+    if retry_kinds and not retry_failed:
+        raise click.UsageError("--retry-kind narrows --retry-failed: pass both")
+    return RetryFailed(retry_kinds) if retry_failed else None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -82,18 +99,25 @@ def main() -> None:
               help="Seconds between commits: at most this much work is lost to a kill.")
 @click.option("--decode-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a decoding worker may spend on one file before it is killed and the file gets an error row.")
+@click.option("--io-retries", default=transient.DEFAULT_RETRIES, show_default=True, type=click.IntRange(0),
+              help="Tries again after a read fails for a reason outside the file (EIO, ESTALE, a timeout), waiting "
+                   "0.5, 2, 8... s; then the row's error is 'io error'.")
+@RETRY_FAILED
+@RETRY_KIND
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
              resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
              std: tuple[float, float, float] | None, topk: int, batch_size: int | None, workers: int | None,
              device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
              overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
-             decode_timeout: float, verbose: bool) -> None:  # fmt: skip
+             decode_timeout: float, io_retries: int, retry_failed: bool, retry_kinds: tuple[str, ...],
+             verbose: bool) -> None:  # fmt: skip
     """Classify the images in SOURCES (folders, image files, @lists, manifests) into OUTPUT.
 
     \b
     Exit status: 0 done (bad files have rows with `error` set); 2 bad arguments;
-    3 --strict or --max-error-rate breached (results written); 75 stopped by SIGTERM/SIGUSR1
+    3 --strict or --max-error-rate breached (results written); 74 the output's disk or quota
+    is full (what was committed stays: free space, run again); 75 stopped by SIGTERM/SIGUSR1
     after committing: run the same command again to go on.
     """
     stop = StopRequest().install()
@@ -114,7 +138,8 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
             topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
             shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
             overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
-            decode_timeout=decode_timeout,
+            decode_timeout=decode_timeout, io_retries=io_retries,
+            retry_failed=_retry(retry_failed, retry_kinds),
         )  # fmt: skip
         run = plan(options, _environment())
     except ValueError as error:
@@ -162,8 +187,11 @@ def index(sources: tuple[str, ...], output: str, threads: int | None) -> None:
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("-o", "--to-do", "to_do", required=True, type=click.Path(dir_okay=False),
               help="Manifest of the inputs without a row, to write.")
-def pending(manifest: str, output: str, to_do: str) -> None:
-    """Write the inputs of MANIFEST that have no row in OUTPUT yet, as a manifest for the next array.
+@RETRY_FAILED
+@RETRY_KIND
+def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_kinds: tuple[str, ...]) -> None:
+    """Write the inputs of MANIFEST that have no row in OUTPUT yet (with --retry-failed, or a failed
+    one), as a manifest for the next array.
 
     Prints their number alone on stdout, for scripts (slurm/submit.sh sizes its array with it).
     """
@@ -171,7 +199,7 @@ def pending(manifest: str, output: str, to_do: str) -> None:
     from batch.summary import pending as write_pending
 
     try:
-        click.echo(write_pending(manifest, output, to_do))
+        click.echo(write_pending(manifest, output, to_do, _retry(retry_failed, retry_kinds)))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 

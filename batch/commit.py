@@ -13,26 +13,32 @@ its memory follows the range, not the output.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
+import json
 import logging
 import os
 import re
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch import mounts
 from batch import paths as stored
-from batch.writer import read_record, remove_if_present
+from batch.paths import BUCKETS
+from batch.writer import METADATA_KEY, ROW_GROUP_ROWS, read_record, remove_if_present
 
 log = logging.getLogger(__name__)
 
 PART = re.compile(r"^part-(?P<start>\d{5})-(?P<stop>\d{5})-c(?P<chunk>\d{6,})\.parquet$")
 OLD_PART = re.compile(r"^part-\d{5,}-of-\d{5,}-c\d{6,}\.parquet$")  # batch 0.x: contiguous slices
-STAGING = re.compile(r"^\.part-(?P<start>\d{5})-(?P<stop>\d{5})-c\d{6,}\.parquet\.tmp$")
+STAGING = re.compile(r"^\.part-(?P<start>\d{5})-(?P<stop>\d{5})-c\d{6,}\.parquet(?P<rewrite>\.retry)?\.tmp$")
 LOCK_FILE = ".lock"
 
 
@@ -112,6 +118,22 @@ def describe_differences(existing: dict[str, Any], wanted: dict[str, Any]) -> st
 
 
 @dataclass(frozen=True)
+class RetryFailed:
+    """--retry-failed: which failed rows a run redoes: every one, or those whose error is of the named
+    kinds (the text before the first colon: `io error`, `decoder crashed`...)."""
+
+    kinds: tuple[str, ...] = ()
+
+    def selects(self, errors: pa.Array) -> pa.Array:
+        """True where a row's error is one to redo."""
+        failed = pc.is_valid(errors)
+        if not self.kinds:
+            return failed
+        kind = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+        return pc.and_(failed, pc.fill_null(pc.is_in(kind, value_set=pa.array(self.kinds, pa.string())), False))
+
+
+@dataclass(frozen=True)
 class Committed:
     """What earlier runs committed for a shard's inputs: --strict and --max-error-rate count these too,
     so a requeued or rerun task judges the whole shard, not just its own attempt."""
@@ -130,7 +152,8 @@ class OutputDir:
         self.job_id = job_id  # Slurm's, stable across requeues of one task
         self.next_chunk = 0
         self.replaced: list[Part] = []  # --overwrite: parts to delete just before the first new one appears
-        self._lock: object | None = None
+        self.retried = RetriedRows(self)  # --retry-failed: failed rows being redone, and where they lie
+        self._lock: Any = None
 
     def _claim(self) -> None:
         """Lock one byte per bucket, held until the process exits: a second writer of any of these
@@ -145,7 +168,10 @@ class OutputDir:
                 "(a task of this or another array); wait for it to end, or choose another output"
             ) from None
         except OSError as error:  # a file system without POSIX locks: Slurm runs one task per shard anyway
-            log.warning("cannot lock %s (%s): going on unguarded", handle.name, error.strerror)
+            log.warning("%s; going on unguarded", mounts.lock_failure_hint(handle.name, error))
+        else:
+            if (node_local := mounts.lock_scope_warning(self.root)) is not None:
+                log.warning(node_local)
         self._lock = handle
 
     def prepare(self, overwrite: bool) -> None:
@@ -172,8 +198,10 @@ class OutputDir:
             self._check_identity(part)
         for name in os.listdir(self.root):  # only now: a refused run leaves the output as it found it
             match = STAGING.match(name)
-            if match and _overlap(range(int(match["start"]), int(match["stop"])), self.buckets):
-                remove_if_present(os.path.join(self.root, name))  # its writer would hold our lock
+            staged = range(int(match["start"]), int(match["stop"])) if match else range(0)
+            # A new chunk's writer would hold our lock; a part's rewriter holds it only within our range.
+            if match and (_within(staged, self.buckets) if match["rewrite"] else _overlap(staged, self.buckets)):
+                remove_if_present(os.path.join(self.root, name))
         self.next_chunk = 1 + max((part.chunk for part in parts if part.buckets == self.buckets), default=-1)
 
     def _written_by_this_job(self, part: Part) -> bool:
@@ -193,20 +221,29 @@ class OutputDir:
                 "results are never mixed: choose another output or pass --overwrite"
             )
 
-    def unfinished(self, inputs: list[str]) -> tuple[list[str], Committed]:
-        """The inputs without a row yet, and what the rows of the others say, reading the overlapping parts
-        one at a time: memory follows the inputs, not the output, whatever array size wrote the parts."""
+    def unfinished(self, inputs: list[str], retry: RetryFailed | None = None) -> tuple[list[str], Committed]:
+        """The inputs without a row yet (and with `retry`, those whose row failed so), and what the rows of
+        the others say, reading the overlapping parts one at a time: memory follows the inputs, not the
+        output, whatever array size wrote the parts. The inputs to redo come last, by the part holding
+        their rows, so that each part is rewritten about once."""
         exact = [os.fsencode(path) for path in inputs]
         wanted = pa.array(exact, pa.binary())
-        done: dict[bytes, bool] = {}  # each name with a row: whether that row is an error
+        done: dict[bytes, bool] = {}  # each name with a row kept: whether that row is an error
         for part in list_parts(self.root) if inputs else []:
             if part.meets(self.buckets) and part not in self.replaced:
                 for rows in _outcomes(part.path):
                     keys = stored.keys(rows)
                     ours = pc.is_in(keys, value_set=wanted)
+                    failed = retry.selects(rows.column("error")) if retry else pa.repeat(False, len(keys))
+                    redo = pc.and_(ours, failed)
+                    kept = pc.and_not(ours, redo)
                     errors = pc.is_valid(rows.column("error"))
-                    done.update(zip(pc.filter(keys, ours).to_pylist(), pc.filter(errors, ours).to_pylist()))
-        todo = [path for path, name in zip(inputs, exact) if name not in done]
+                    done.update(zip(pc.filter(keys, kept).to_pylist(), pc.filter(errors, kept).to_pylist()))
+                    self.retried.where.update(dict.fromkeys(pc.filter(keys, redo).to_pylist(), part.path))
+                    self._find_stale(part, pc.filter(keys, pc.and_not(failed, ours)))
+        where = self.retried.where
+        todo = [path for path, name in zip(inputs, exact) if name not in done and name not in where]
+        todo += sorted((path for path, name in zip(inputs, exact) if name in where), key=lambda path: where[os.fsencode(path)])
         return todo, Committed(rows=len(done), errors=sum(done.values()))
 
     def staging_path(self) -> str:
@@ -219,19 +256,132 @@ class OutputDir:
         self.drop_replaced()
         final = os.path.join(self.root, part_name(self.buckets, self.next_chunk))
         os.replace(staging, final)
-        directory = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _sync_directory(self.root)
         self.next_chunk += 1
         return final
+
+    def _find_stale(self, part: Part, failed: pa.Array) -> None:
+        """Of the names of failed rows that are no input now, those of this range named `CONTAINER/`: a
+        container whose listing failed then lists whole (its members are new inputs), or is gone.
+        --retry-failed drops them."""
+        for key in failed.to_pylist():
+            if key.endswith(b"/") and stored.bucket_of(os.fsdecode(key)) in self.buckets:
+                self.retried.stale[key] = part.path
+
+    def rewrite(self, part: str, rows: pa.Table | None, dropped: Iterable[bytes] = ()) -> None:
+        """Rewrite PART with ROWS in place of the rows of the same names (and without the DROPPED ones),
+        renamed over itself: a reader sees the old part or the new one, never both rows of a name and
+        never neither. Under a lock of the part's buckets (a second bank of bytes in OUT/.lock), since a
+        part written by an array of another size may hold a sibling task's rows, which it may be redoing."""
+        match = PART.match(os.path.basename(part))
+        assert match, part
+        staging = os.path.join(self.root, f".{os.path.basename(part)}.retry.tmp")
+        with self._locked(BUCKETS + int(match["start"]), int(match["stop"]) - int(match["start"])):
+            source = pq.ParquetFile(part)
+            record = read_record(part)
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            dropped = list(dropped)
+            redone = {"at": now, "rows": rows.num_rows if rows else 0, "dropped": len(dropped), "slurm_job_id": self.job_id}
+            record["retried"] = [*record.get("retried", []), redone]
+            schema = source.schema_arrow.remove_metadata()
+            names = pa.array((stored.keys(rows).to_pylist() if rows else []) + dropped, pa.binary())
+            try:
+                with pq.ParquetWriter(staging, schema, compression="zstd") as writer:
+                    for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+                        writer.write_batch(batch.filter(pc.invert(pc.is_in(stored.keys(batch), value_set=names))))
+                    if rows:
+                        writer.write_table(rows.cast(schema))
+                    writer.add_key_value_metadata({METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
+                with open(staging, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            except BaseException:
+                remove_if_present(staging)  # a full disk: the part stays as it was
+                raise
+            os.replace(staging, part)
+            _sync_directory(self.root)
+
+    @contextmanager
+    def _locked(self, start: int, length: int) -> Iterator[None]:
+        """Wait for the bytes START to START+LENGTH of OUT/.lock; without POSIX locks (warned of when the
+        range was claimed), go on unguarded."""
+        try:
+            fcntl.lockf(self._lock, fcntl.LOCK_EX, length, start)
+        except (OSError, TypeError, ValueError):  # no locks here, or no lock file (a run that never claimed)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN, length, start)
 
     def drop_replaced(self) -> None:
         """Delete the parts --overwrite replaces (at the first publish, or at the end of a run with none)."""
         for part in self.replaced:
             remove_if_present(part.path)
         self.replaced = []
+
+
+class RetriedRows:
+    """--retry-failed: where each failed row being redone lies, and the new rows for them, held until they
+    take the old ones' place (`OutputDir.rewrite`) at the next commit, or sooner once a row group's worth
+    is held: what waits in memory is bounded, and a kill loses at most that, never a row."""
+
+    def __init__(self, output: OutputDir):
+        self.output = output
+        self.where: dict[bytes, str] = {}  # name -> the part holding its failed row
+        self.stale: dict[bytes, str] = {}  # name -> the part holding a failed `CONTAINER/` row to drop
+        self.held: list[pa.RecordBatch] = []
+        self.rows = 0
+        self.since = time.monotonic()
+
+    def take(self, rows: pa.RecordBatch) -> pa.RecordBatch:
+        """Hold the rows that redo failed ones; the others are new, and go to a new part."""
+        if not self.where:
+            return rows
+        redo = pa.array([key in self.where for key in stored.keys(rows).to_pylist()], pa.bool_())
+        count = pc.sum(redo).as_py() or 0
+        if not count:
+            return rows
+        if not self.rows:
+            self.since = time.monotonic()
+        self.held.append(rows.filter(redo))
+        self.rows += count
+        return rows.filter(pc.invert(redo))
+
+    def due(self, every: float) -> bool:
+        return self.rows >= ROW_GROUP_ROWS or (self.rows > 0 and time.monotonic() - self.since >= every)
+
+    def drop_stale(self) -> int:
+        """Drop the failed `CONTAINER/` rows that are no input now, part by part; how many."""
+        by_part: dict[str, list[bytes]] = {}
+        for key, part in self.stale.items():
+            by_part.setdefault(part, []).append(key)
+        for part, keys in by_part.items():
+            self.output.rewrite(part, None, keys)
+        count, self.stale = len(self.stale), {}
+        return count
+
+    def replace(self) -> int:
+        """Put the held rows in their parts, part by part; how many."""
+        if not self.rows:
+            return 0
+        table = pa.Table.from_batches(self.held)
+        self.held, self.rows = [], 0
+        parts = pa.array([self.where[key] for key in stored.keys(table).to_pylist()], pa.string())
+        for part in pc.unique(parts).to_pylist():
+            self.output.rewrite(part, table.filter(pc.equal(parts, part)))
+        for key in stored.keys(table).to_pylist():
+            del self.where[key]
+        return table.num_rows
+
+
+def _sync_directory(root: str) -> None:
+    """After a rename: the directory entry must reach the disk too."""
+    directory = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _overlap(one: range, other: range) -> bool:

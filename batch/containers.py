@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from batch.manifest import LAYOUT_KEY as MANIFEST_KEY
 from batch.manifest import Found
 from batch.paths import readable
+from batch.transient import DEFAULT_RETRIES, errno_of, is_transient, retried
 
 TAR_EXTENSION = ".tar"
 PARQUET_EXTENSION = ".parquet"
@@ -41,7 +42,12 @@ log = logging.getLogger(__name__)
 
 
 class MemberError(Exception):
-    """A member that cannot be read; the message is its row's error."""
+    """A member that cannot be read; the message is its row's error. `errno` is that of the system's error
+    behind it, if any, so that a transient one is retried (batch.transient)."""
+
+    def __init__(self, message: str, number: int | None = None):
+        super().__init__(message)
+        self.errno = number
 
 
 def is_tar_name(name: str) -> bool:
@@ -107,6 +113,8 @@ def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
         cut = "unexpected end of data" in str(error)
         broken = _truncated(size) if cut else f"broken tar: {error}"
     except (tarfile.TarError, OSError) as error:
+        if is_transient(error):
+            raise  # the file system's, not the tar's: sources.py tries again
         broken = f"broken tar: {error}"
     climbing = [info.name for info in images if climbs_out(info.name)]
     if climbing:
@@ -203,10 +211,14 @@ def _failure(status: str | None, message: str | None) -> str | None:
 
 
 def footer(path: str) -> pa.Schema | None:
-    """A Parquet file's schema, from its footer alone; None where it cannot be read as Parquet."""
+    """A Parquet file's schema, from its footer alone; None where it cannot be read as Parquet. A read
+    that fails for a moment is tried again; failing still, the file is passed over, and a rerun reads it."""
     try:
-        return pq.read_schema(path)
-    except (OSError, pa.ArrowException):
+        return retried(lambda: pq.read_schema(path), DEFAULT_RETRIES, f"cannot read {path}")
+    except (OSError, pa.ArrowException) as error:
+        if is_transient(error):
+            log.warning("cannot read %s: %s, %d times: passed over; run again once the file system is well",
+                        path, error, DEFAULT_RETRIES + 1)  # fmt: skip
         return None
 
 
@@ -293,7 +305,7 @@ class Reader:
             try:
                 descriptor = os.open(container, os.O_RDONLY)
             except OSError as error:
-                raise MemberError(f"read error: cannot open {container}: {error.strerror or error}") from None
+                raise MemberError(f"read error: cannot open {container}: {error.strerror or error}", error.errno) from None
             self._descriptor = (container, descriptor, os.fstat(descriptor).st_size)
         _, descriptor, length = self._descriptor
         if offset + size > length:
@@ -312,13 +324,15 @@ class Reader:
             try:
                 group = self._group = _row_group_holding(container, row)
             except (OSError, pa.ArrowException) as error:
-                raise MemberError(f"read error: {container}: {error}") from None
+                raise MemberError(f"read error: {container}: {error}", errno_of(error)) from None
         data = group[3][row - group[2]].as_py()
         if data is None:
             raise MemberError("empty file: no image bytes in this row")
         return data
 
     def close(self) -> None:
+        """Let the container go: after a transient error, the next try opens it afresh (a stale handle)."""
+        self._group = None
         if self._descriptor is not None:
             os.close(self._descriptor[1])
             self._descriptor = None
@@ -332,7 +346,7 @@ def _pread(descriptor: int, count: int, offset: int) -> bytes:
         try:
             part = os.pread(descriptor, count - done, offset + done)
         except OSError as error:
-            raise MemberError(f"read error: {error.strerror or error}") from None
+            raise MemberError(f"read error: {error.strerror or error}", error.errno) from None
         if not part:
             break
         parts.append(part)

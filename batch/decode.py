@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -17,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from batch import transient
 from batch.containers import MemberError, Reader
 from batch.manifest import Found
 
@@ -72,8 +74,24 @@ class Decoded:
 _members = Reader()  # this process's open container, kept from one member to the next
 
 
-def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None) -> Decoded:
-    """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes."""
+def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None,
+           retries: int = transient.DEFAULT_RETRIES) -> Decoded:  # fmt: skip
+    """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes.
+    A read that fails for a reason outside the file (batch.transient) is tried again, opened afresh,
+    after a growing wait; only when every try failed does the row say `io error`."""
+    for delay in transient.delays(retries):
+        try:
+            return _decode_once(index, path, preprocess, member)
+        except _Transient:
+            _members.close()
+            time.sleep(delay)
+    try:
+        return _decode_once(index, path, preprocess, member)
+    except _Transient as problem:
+        return Decoded(index, error=transient.describe(problem.__cause__ or problem, retries + 1))
+
+
+def _decode_once(index: int, path: str, preprocess: Preprocess, member: Found | None) -> Decoded:
     try:
         handle = _open_regular_file(path) if member is None else _open_member(member)
     except _Unreadable as problem:
@@ -85,18 +103,14 @@ def decode(index: int, path: str, preprocess: Preprocess, member: Found | None =
                 if width * height > MAX_PIXELS:
                     return Decoded(index, error=_too_large(width, height))
                 pixels, (width, height) = _preprocess(image, preprocess)
-        except MemberError as problem:  # a streamed member whose tar ends before it does
-            return Decoded(index, error=str(problem))
         except Image.DecompressionBombError:
             return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
         except UnidentifiedImageError:
             handle.seek(0)
             return Decoded(index, error=_not_an_image(handle.read(512)))
-        except OSError as error:
-            message = str(error)
-            if "truncated" in message or "broken data stream" in message:
-                return Decoded(index, error=f"truncated: {message}")
-            return Decoded(index, error=f"decode error: {message or type(error).__name__}")
+        except (OSError, MemberError) as error:
+            _raise_if_transient(error)
+            return Decoded(index, error=_broken_bytes(error))
         except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
             return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
     return Decoded(index, pixels, width, height)
@@ -104,6 +118,24 @@ def decode(index: int, path: str, preprocess: Preprocess, member: Found | None =
 
 class _Unreadable(Exception):
     """A problem named before Pillow sees the file."""
+
+
+class _Transient(Exception):
+    """A read failed for a reason outside the file (its cause); the file is worth another try."""
+
+
+def _raise_if_transient(error: BaseException) -> None:
+    if transient.is_transient(error):
+        raise _Transient() from error
+
+
+def _broken_bytes(error: OSError | MemberError) -> str:
+    message = str(error)
+    if isinstance(error, MemberError):  # a streamed member whose tar ends before it does
+        return message
+    if "truncated" in message or "broken data stream" in message:
+        return f"truncated: {message}"
+    return f"decode error: {message or type(error).__name__}"
 
 
 def _open_regular_file(path: str) -> BinaryIO:
@@ -118,8 +150,14 @@ def _open_regular_file(path: str) -> BinaryIO:
             raise _Unreadable(f"not found: dangling symlink to {os.readlink(path)}") from None
         raise _Unreadable("not found: the file no longer exists") from None
     except OSError as error:
+        _raise_if_transient(error)
         raise _Unreadable(_os_error(error)) from None
-    info = os.fstat(descriptor)
+    try:
+        info = os.fstat(descriptor)
+    except OSError as error:
+        os.close(descriptor)
+        _raise_if_transient(error)
+        raise _Unreadable(_os_error(error)) from None
     if not stat.S_ISREG(info.st_mode):
         os.close(descriptor)
         raise _Unreadable("not a regular file: a device, FIFO or socket has no picture to read")
@@ -132,9 +170,11 @@ def _open_regular_file(path: str) -> BinaryIO:
 def _open_member(member: Found) -> BinaryIO:
     try:
         handle = _members.open(member)
+        empty = not handle.read(1)
     except MemberError as problem:
+        _raise_if_transient(problem)
         raise _Unreadable(str(problem)) from None
-    if not handle.read(1):
+    if empty:
         raise _Unreadable("empty file: 0 bytes")
     handle.seek(0)
     return handle

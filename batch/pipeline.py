@@ -10,8 +10,10 @@ rest through the stages, committing a chunk every `commit_every` seconds.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import platform
 import queue
 import threading
@@ -23,7 +25,7 @@ import torch
 import torchvision
 
 import batch
-from batch import commit, models, sources
+from batch import commit, models, sources, transient
 from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
 from batch.devices import choose_device, choose_precision, device_name, probe
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BAD_INPUTS = 3  # finished and committed, but --strict or --max-error-rate was breached
+EXIT_OUTPUT_FULL = 74  # EX_IOERR: the output's disk or quota is full; what was committed stays, the rest waits
+FULL = (errno.ENOSPC, errno.EDQUOT)
 MIN_ROWS_FOR_EARLY_ERROR_RATE = 100
 EXAMPLE_ERRORS = 5
 SHARED_MEMORY_SHARE = 4  # the decoded batches waiting in shared memory may take a quarter of the task's
@@ -65,6 +69,8 @@ class ClassifyOptions:
     max_error_rate: float | None = None
     commit_every: float = 60.0
     decode_timeout: float = 300.0
+    io_retries: int = transient.DEFAULT_RETRIES
+    retry_failed: commit.RetryFailed | None = None
 
 
 @dataclass
@@ -107,6 +113,8 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     """Validate the arguments before any work; raises a ValueError subclass naming what is wrong."""
     if options.topk < 1:
         raise ValueError(f"--topk must be at least 1, not {options.topk}")
+    if options.retry_failed and options.overwrite:
+        raise ValueError("--retry-failed redoes the failed rows, --overwrite every row: choose one")
     if options.max_error_rate is not None and not 0 <= options.max_error_rate <= 1:
         raise ValueError(f"--max-error-rate is a fraction between 0 and 1, not {options.max_error_rate}")
     sources.check_sources(options.sources)
@@ -175,12 +183,15 @@ class Tally:
     earlier: commit.Committed = commit.Committed()
     processed: int = 0  # by this run
     errors: int = 0
+    transient: int = 0  # of the errors, reads that failed for a reason outside the file, every try
+    committed: int = 0  # rows this run has made visible
     examples: list[str] = field(default_factory=list)
 
     def add(self, paths: list[str], items: list[Decoded]) -> int:
         failures = [(path, item.error) for path, item in zip(paths, items) if item.error]
         self.processed += len(items)
         self.errors += len(failures)
+        self.transient += sum(error.startswith(f"{transient.KIND}:") for _, error in failures)
         room = EXAMPLE_ERRORS - len(self.examples)
         self.examples.extend(f"{path}: {error}" for path, error in failures[: max(room, 0)])
         return len(failures)
@@ -204,17 +215,27 @@ def execute(run: Plan, stop: StopRequest) -> int:
     buckets = run.shard.buckets
     inputs = sources.gather(options.sources, buckets)
     mine = inputs.paths
-    todo, earlier = run.output.unfinished(mine)
+    todo, earlier = run.output.unfinished(mine, options.retry_failed)
+    if dropped := run.output.retried.drop_stale():
+        log.info("dropped %d failed rows of containers that list whole now (or are gone): their members are inputs",
+                 dropped)  # fmt: skip
+    redo = len(run.output.retried.where)
     log.info(
-        "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify with %s (%s) on %s, %s",
+        "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify%s with %s (%s) on %s, %s",
         run.shard.index, run.shard.count, buckets.start, buckets.stop - 1, len(mine), len(mine) - len(todo), len(todo),
+        f" ({redo} of them to redo, whose rows failed)" if options.retry_failed else "",
         run.spec.name, run.spec.weights, run.device, run.precision,
     )  # fmt: skip
     if mine and not todo:
         log.info("nothing to classify: every input of this shard already has a row in %s", options.output)
     tally = Tally(earlier)
     if todo and not stop.requested:
-        _stream(run, todo, inputs.members, tally, stop)
+        try:
+            _stream(run, todo, inputs.members, tally, stop)
+        except OSError as error:
+            if transient.errno_of(error) not in FULL:
+                raise
+            return _output_full(run, tally, error)
     if not stop.requested:
         run.output.drop_replaced()  # --overwrite over a shard that had nothing left to write
     return _finish(run, tally, stop, time.monotonic() - started)
@@ -226,7 +247,7 @@ def _stream(run: Plan, todo: list[str], members: dict[str, Found], tally: Tally,
     options = run.options
     # The workers start now, and decode the first batches while the model loads.
     batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda",
-                         timeout=options.decode_timeout, members=members)  # fmt: skip
+                         timeout=options.decode_timeout, members=members, retries=options.io_retries)  # fmt: skip
     writer: _Writer | None = None
     try:
         classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings, run.batch_size)
@@ -287,20 +308,23 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         chunk: ChunkWriter | None = None
         options = self.plan.options
+        retried = self.plan.output.retried  # --retry-failed: rows that take failed rows' places in their parts
         try:
             while not isinstance(work := self.work.get(), bool):
                 items, pending = work
                 paths = [self.todo[decoded.index] for decoded in items]
                 answers = pending.result() if pending is not None else None
-                chunk = chunk or ChunkWriter(self.plan.output.staging_path(), self.rows.schema, self.metadata)
-                chunk.add(self.rows.build(paths, items, answers, self.members))
+                fresh = retried.take(self.rows.build(paths, items, answers, self.members))
+                if fresh.num_rows:
+                    chunk = chunk or ChunkWriter(self.plan.output.staging_path(), self.rows.schema, self.metadata)
+                    chunk.add(fresh)
                 self.progress.update(len(paths), self.tally.add(paths, items))
-                if chunk.age >= options.commit_every:
-                    _commit(chunk, self.plan.output)
+                if (chunk is not None and chunk.age >= options.commit_every) or retried.due(options.commit_every):
+                    self._commit(chunk)
                     chunk = None
                     self.breached = _error_rate_breached(options, self.tally, early=True)
-            if work and chunk is not None:
-                _commit(chunk, self.plan.output)
+            if work:
+                self._commit(chunk)
                 chunk = None
         except BaseException as failure:  # noqa: BLE001 - handed to the main thread
             self.failure = failure
@@ -311,10 +335,30 @@ class _Writer(threading.Thread):
                 chunk.abandon()
 
 
-def _commit(chunk: ChunkWriter, output: commit.OutputDir) -> None:
-    chunk.close()
-    published = output.publish(chunk.path)
-    log.debug("committed %d rows to %s", chunk.rows, published)
+    def _commit(self, chunk: ChunkWriter | None) -> None:
+        if chunk is not None:
+            chunk.close()
+            published = self.plan.output.publish(chunk.path)
+            self.tally.committed += chunk.rows
+            log.debug("committed %d rows to %s", chunk.rows, published)
+        redone = self.plan.output.retried.replace()
+        if redone:
+            self.tally.committed += redone
+            log.debug("put %d redone rows in place of failed ones", redone)
+
+
+def _output_full(run: Plan, tally: Tally, error: OSError) -> int:
+    """A full disk or quota is no bad input and no reason to requeue (the next allocation meets the same
+    full disk): stop, keep every committed part, and say what to do."""
+    number = transient.errno_of(error) or errno.ENOSPC
+    log.error(
+        "the output %s is full (%s: %s): this run committed %d rows before it, and those and every earlier part "
+        "are intact; the chunk in hand was dropped and its staging file removed. Free space or raise the quota, "
+        "then run the same command again: it goes on where it stopped (exit status %d)",
+        run.options.output, errno.errorcode.get(number, number), os.strerror(number), tally.committed,
+        EXIT_OUTPUT_FULL,
+    )  # fmt: skip
+    return EXIT_OUTPUT_FULL
 
 
 def _error_rate_breached(options: ClassifyOptions, tally: Tally, early: bool = False) -> bool:
@@ -323,13 +367,20 @@ def _error_rate_breached(options: ClassifyOptions, tally: Tally, early: bool = F
     return tally.rate > options.max_error_rate
 
 
+def _transient_note(tally: Tally) -> str:
+    if not tally.transient:
+        return ""
+    return (f" ({tally.transient} of them '{transient.KIND}': reads that failed every try for a reason outside "
+            "the file; once the file system is well, --retry-failed redoes them)")  # fmt: skip
+
+
 def _finish(run: Plan, tally: Tally, stop: StopRequest, seconds: float) -> int:
     rate = tally.processed / seconds if seconds > 0 else math.nan
     for example in tally.examples:
         log.warning("failed: %s", example)
     log.info(
-        "classified %d images, %d failed, in %s (%.1f images/s); results in %s",
-        tally.processed, tally.errors, format_duration(seconds), rate, run.options.output,
+        "classified %d images, %d failed%s, in %s (%.1f images/s); results in %s",
+        tally.processed, tally.errors, _transient_note(tally), format_duration(seconds), rate, run.options.output,
     )  # fmt: skip
     if tally.earlier.rows:
         log.info("with the %d rows earlier runs committed, this shard has %d rows, %d of them failed",

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batch import transient
 from batch.decode import Decoded, Preprocess, decode
 from batch.manifest import Found
 from batch.stopping import ignore_stop_signals
@@ -77,8 +78,10 @@ class DecodePool:
     the GPU copies from them directly."""
 
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
-                 timeout: float = 300.0, members: dict[str, Found] | None = None):  # fmt: skip
+                 timeout: float = 300.0, members: dict[str, Found] | None = None,
+                 retries: int = transient.DEFAULT_RETRIES):  # fmt: skip
         self.paths, self.preprocess, self.pin, self.timeout = paths, preprocess, pin, timeout
+        self.retries = retries  # of a read that fails for a moment (batch.transient)
         self.members = members or {}  # where the packed inputs lie; the workers inherit it
         self.batch_size, self.count = batch_size, math.ceil(len(paths) / batch_size)
         shape = (workers, SLOTS, batch_size, preprocess.crop, preprocess.crop, 3)
@@ -115,7 +118,8 @@ class DecodePool:
 
     def _decode_here(self) -> Iterator[Batch]:
         for number in range(self.count):
-            items = [_decode(index, self.paths, self.members, self.preprocess) for index in self._indices(number)]
+            items = [_decode(index, self.paths, self.members, self.preprocess, self.retries)
+                     for index in self._indices(number)]
             good = [item.pixels for item in items if item.pixels is not None]
             for item in items:
                 item.pixels = None
@@ -230,7 +234,7 @@ class DecodePool:
         ours, theirs = multiprocessing.get_context("fork").Pipe()
         process = multiprocessing.get_context("fork").Process(
             target=_work, args=(number, theirs, self.slots[number], self.current, self.since, self.paths, self.members,
-                  self.preprocess),
+                  self.preprocess, self.retries),
             name=f"batch-decode-{number}", daemon=True,
         )  # fmt: skip
         process.start()
@@ -246,7 +250,7 @@ class DecodePool:
 
 
 def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, since: Any, paths: list[str],
-          members: dict[str, Found], preprocess: Preprocess) -> None:  # fmt: skip
+          members: dict[str, Found], preprocess: Preprocess, retries: int) -> None:  # fmt: skip
     """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
     ignore_stop_signals()
     torch.set_num_threads(1)
@@ -266,7 +270,7 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         for index in indices:
             since[number] = time.monotonic()  # before `current`: the main process reads them the other way round
             current[number] = index
-            item = _decode(index, paths, members, preprocess)
+            item = _decode(index, paths, members, preprocess, retries)
             if item.pixels is not None:
                 slots[slot, good].numpy()[...] = item.pixels
                 item.pixels = None
@@ -276,8 +280,8 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         connection.send((slot, items))
 
 
-def _decode(index: int, paths: list[str], members: dict[str, Found], preprocess: Preprocess) -> Decoded:
-    return decode(index, paths[index], preprocess, members.get(paths[index]))
+def _decode(index: int, paths: list[str], members: dict[str, Found], preprocess: Preprocess, retries: int) -> Decoded:
+    return decode(index, paths[index], preprocess, members.get(paths[index]), retries)
 
 
 def page_lock(memory: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 import duckdb
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from batch import containers
+from batch import containers, transient
 from batch.commit import list_parts
 from batch.decode import to_rgb
 from batch.summary import Throughput, connect
@@ -241,12 +241,16 @@ def _errors(query: _Query, errors: int) -> str:
                        n=ERROR_EXAMPLES, kinds=ERROR_KINDS)  # fmt: skip
     more = f"<p class=note>and {kinds[0][3] - len(kinds)} other kinds</p>" if kinds[0][3] > len(kinds) else ""
     rows = "".join(
-        f"<tr><td class=kind>{_text(kind)}</td><td class=count>{count:,}</td><td><ul>"
+        f"<tr><td class=kind>{_text(kind)}{_transient_note(kind)}</td><td class=count>{count:,}</td><td><ul>"
         + "".join(f"<li><span class=path>{_text(path)}</span>: {_text(error)}</li>" for path, error in examples)
         + "</ul></td></tr>"
         for kind, count, examples, _ in kinds
     )  # fmt: skip
     return f"<table class=errors><tr><th>kind</th><th>rows</th><th>examples</th></tr>{rows}</table>{more}"
+
+
+def _transient_note(kind: str) -> str:
+    return f"<p class=note>{_text(transient.REDO)}</p>" if kind == transient.KIND else ""
 
 
 def _provenance(records: list[dict]) -> str:

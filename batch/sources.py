@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from functools import partial
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from batch import containers, manifest
+from batch import containers, manifest, transient
 from batch.paths import BUCKETS, bucket_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -148,18 +149,30 @@ def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iter
     inputs, skipped = 0, []
     for item in found:
         if containers.is_tar_name(item.path) and os.path.isfile(item.path):
-            listed: Iterable[manifest.Found] = containers.list_tar(item.path, is_image_name)
+            listed: Iterable[manifest.Found] = _listing(item.path, partial(containers.list_tar, item.path, is_image_name))
         elif is_parquet_name(item.path):
             if _kind(item.path) != "images":
                 skipped.append(item.path)
                 continue
-            listed = containers.list_image_table(item.path)
+            listed = _listing(item.path, partial(containers.list_image_table, item.path))
         else:
             listed = [item]
         for each in listed:
             inputs += 1
             yield each
     _tell(source, inputs, skipped)
+
+
+def _listing(container: str, members: Callable[[], Iterable[manifest.Found]]) -> list[manifest.Found]:
+    """A container's members. A listing that fails for a reason outside the file is tried again; one that
+    still fails is one row, `CONTAINER/`, whose error is an `io error`, which --retry-failed redoes."""
+    try:
+        return transient.retried(lambda: list(members()), transient.DEFAULT_RETRIES, f"cannot list {container}")
+    except (OSError, pa.ArrowException) as error:
+        if not transient.is_transient(error):
+            raise
+        failure = transient.describe(error, transient.DEFAULT_RETRIES + 1)
+        return [manifest.Found(f"{container}/", None, None, container, None, None, None, failure)]
 
 
 def _tell(source: str, inputs: int, skipped: list[str]) -> None:

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch import manifest as manifests
-from batch.commit import list_parts
+from batch import transient
+from batch.commit import RetryFailed, list_parts
 from batch.writer import read_record
 
 SHOWN_PATHS = 5
@@ -60,7 +61,11 @@ def _errors(table: pa.Table) -> list[str]:
     for error, count in _counts(table.column("error")).items():
         kinds[error.split(":", 1)[0]] += count
     share = 100 * failed / table.num_rows
-    return [f"errors: {failed} ({share:.2f}%)"] + [f"  {count:>9}  {kind}" for kind, count in kinds.most_common()]
+    transient_rows = f", {kinds[transient.KIND]} of them transient" if kinds[transient.KIND] else ""
+    return [f"errors: {failed} ({share:.2f}%){transient_rows}"] + [
+        f"  {count:>9}  {kind}" + (f"  ({transient.REDO})" if kind == transient.KIND else "")
+        for kind, count in kinds.most_common()
+    ]
 
 
 def _labels(table: pa.Table, top: int) -> list[str]:
@@ -168,22 +173,28 @@ def _missing(connection: duckdb.DuckDBPyConnection, parts: list[str], manifest: 
     return problems
 
 
-def _without_match(connection: duckdb.DuckDBPyConnection, select: str, left: list[str], right: list[str]) -> duckdb.DuckDBPyConnection:
-    """`select` over the rows of the `left` files whose exact name no row of the `right` files has."""
+def _without_match(connection: duckdb.DuckDBPyConnection, select: str, left: list[str], right: list[str],
+                   retry: RetryFailed | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
+    """`select` over the rows of the `left` files whose exact name no row of the `right` files has (with
+    `retry`, no row but one to redo)."""
+    kept = "TRUE"
+    if retry:
+        kept = "error IS NULL" + (" OR NOT list_contains($kinds, split_part(error, ':', 1))" if retry.kinds else "")
     return connection.execute(
         f"""SELECT {select} FROM (SELECT *, {_key(left)} AS exact_name FROM read_parquet($left, file_row_number = true))
-            ANTI JOIN (SELECT {_key(right)} AS exact_name FROM read_parquet($right)) USING (exact_name)""",
-        {"left": left, "right": right},
+            ANTI JOIN (SELECT {_key(right)} AS exact_name FROM read_parquet($right) WHERE {kept}) USING (exact_name)""",
+        {"left": left, "right": right, **({"kinds": list(retry.kinds)} if retry and retry.kinds else {})},
     )
 
 
-def pending(manifest: str, output: str, to_do: str) -> int:
-    """Write the rows of a `batch index` manifest that have no row in OUTPUT yet, as a manifest for the
-    next array; how many. The rows are picked by number and copied, so sizes and mtimes stay exact."""
+def pending(manifest: str, output: str, to_do: str, retry: RetryFailed | None = None) -> int:
+    """Write the rows of a `batch index` manifest that have no row in OUTPUT yet (with `retry`, or a row
+    to redo), as a manifest for the next array; how many. The rows are picked by number and copied, so
+    sizes and mtimes stay exact."""
     manifests.check_laid_out(manifest)
     parts = [part.path for part in list_parts(output)] if os.path.isdir(output) else []
     if not parts:
         return manifests.copy_rows(manifest, None, to_do)
     with connect() as connection:
-        rows = _without_match(connection, "file_row_number", [manifest], parts).fetchnumpy()["file_row_number"]
+        rows = _without_match(connection, "file_row_number", [manifest], parts, retry).fetchnumpy()["file_row_number"]
     return manifests.copy_rows(manifest, np.sort(np.asarray(rows, np.int64)), to_do)

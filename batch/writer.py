@@ -109,7 +109,11 @@ class ChunkWriter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._metadata = metadata
-        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(path, schema, compression="zstd")
+        except BaseException:
+            remove_if_present(path)  # created, then its first bytes found the disk full
+            raise
 
     def add(self, batch: pa.RecordBatch) -> None:
         self._pending.append(batch)
@@ -140,7 +144,10 @@ class ChunkWriter:
             os.fsync(handle.fileno())
 
     def abandon(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except (OSError, pa.ArrowException):
+            pass  # on a full disk the close fails too; the staging file goes either way
         remove_if_present(self.path)
 
 

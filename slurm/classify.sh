@@ -77,9 +77,9 @@ writable=("$(folder_of "$output")")
 case $step in
     classify) command=(batch classify "$input" -o "$output" "$@") ;;
     index) command=(batch index "$input" -o "$output") ;;
-    pending) # INPUT: the manifest, OUTPUT: the results, then TO_DO: the manifest to write
-        (($# == 1)) || usage
-        command=(batch pending "$input" "$output" -o "$1")
+    pending) # INPUT: the manifest, OUTPUT: the results, then TO_DO: the manifest to write, then options
+        (($# >= 1)) || usage
+        command=(batch pending "$input" "$output" -o "$@")
         writable=("$(folder_of "$1")")
         read_only+=("$(folder_of "$output")")
         ;;

@@ -2,6 +2,7 @@
 # Index a folder, size an array job from the images that have no result yet, submit it, and submit a
 # summary job that runs after it whatever happened and fails loudly if any task failed or any image
 # is missing or doubled. Run it again when the tree has grown: only the new images are classified.
+# With --retry-failed among the options, the images whose rows failed are redone too.
 #
 #   slurm/submit.sh /data/images /scratch/preds [batch classify options]
 #
@@ -36,7 +37,15 @@ done
 # Index once, on this node, through the same runtime the tasks use; then write what has no row yet.
 BATCH_STEP=index "$here/classify.sh" "$input" "$manifest"
 to_do=${manifest%.parquet}-todo.parquet
-count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do")
+# --retry-failed (and --retry-kind) among the classify options: the failed rows are to do as well.
+retry=()
+for ((i = 1; i <= $#; i++)); do
+    case ${!i} in
+        --retry-failed | --retry-kind=*) retry+=("${!i}") ;;
+        --retry-kind) ((i < $#)) && next=$((i + 1)) && retry+=("${!i}" "${!next}") ;;
+    esac
+done
+count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" "${retry[@]}")
 [[ $count =~ ^[0-9]+$ ]] || { echo "batch pending printed '$count', not a count" >&2 && exit 1; }
 if ((count == 0)); then
     echo "nothing to classify: every image in $manifest has a row in $output"

@@ -143,7 +143,7 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import containers, decode, manifest, paths, pipeline, report, summary, writer
+    from batch import containers, decode, manifest, paths, pipeline, report, summary, transient, writer
 
     cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
@@ -156,6 +156,9 @@ def claims() -> list[tuple[str, object]]:
         ("| `--batch-size` | {} on GPU, {} on CPU |", (gpu, cpu)),
         ("| `--topk` | {} |", option_default("topk")),
         ("| `--commit-every S` | {:g} |", option_default("commit_every")),
+        ("| `--io-retries N` | {} |", option_default("io_retries")),
+        ("tries again after {:g}, {:g} and {:g} s", tuple(transient.delays(transient.DEFAULT_RETRIES))),
+        ("| {} | the output's disk or quota is full", pipeline.EXIT_OUTPUT_FULL),
         ("checked at each commit after {} rows", pipeline.MIN_ROWS_FOR_EARLY_ERROR_RATE),
         ("more than {:.0f} Mpx", decode.MAX_PIXELS / 1e6),
         ("The default model's: {}.", default_preprocessing()),

@@ -139,6 +139,27 @@ def test_submit_sizes_the_array_within_max_array_size_and_reruns_only_what_is_ne
     assert "nothing to classify: every image in" in said and not array and not summary
 
 
+def test_submit_with_retry_failed_redoes_the_failed_images_in_place(cluster, tmp_path):
+    inputs = small_images(tmp_path / "in", 10)
+    good = {path: path.read_bytes() for path in inputs[:2]}
+    for path in good:
+        path.write_bytes(b"<html>a saved error page</html>")
+    said, array, summary = submit(cluster, tmp_path)
+    cluster.wait_until_done([f"{array}_0", f"{array}_1", summary])
+    for path, data in good.items():
+        path.write_bytes(data)  # the cause is fixed
+    assert "nothing to classify" in submit(cluster, tmp_path)[0]
+
+    said, array, summary = submit(cluster, tmp_path, "--retry-failed")
+
+    assert "2 images to classify in 1 array tasks" in said
+    states = cluster.wait_until_done([f"{array}_0", summary])
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert_every_input_once(tmp_path / "out", inputs)
+    report = (tmp_path / f"classify-summary-{summary}.out").read_text()
+    assert "errors: none" in report and "every input is present" in report
+
+
 def test_the_summary_job_runs_after_failed_tasks_and_names_them(cluster, tmp_path):
     small_images(tmp_path / "in", 8)
     said, array, summary = submit(cluster, tmp_path, "--topk", "0")  # refused by every task: exit 2
