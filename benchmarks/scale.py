@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,6 +37,7 @@ from batch.writer import ChunkWriter, RowBuilder
 MODEL = ("--model", "mobilenet_v3_small", "--weights", "none", "--workers", "1", "--device", "cpu")
 WRITE_ROWS = 10_000
 TOPK = 5  # classify's default, so a rerun finds the same configuration
+FAILURE = "io error: [Errno 5] Input/output error (failed 4 times)"
 
 
 def made_up_paths(count: int, first: int = 0) -> list[str]:
@@ -49,20 +50,24 @@ def write_manifest(paths: Sequence[str], target: Path) -> Path:
     return target
 
 
-def write_results(output: Path, paths: Sequence[str], buckets: range, first_chunk: int = 0) -> None:
+def write_results(output: Path, paths: Sequence[str], buckets: range, first_chunk: int = 0,
+                  failed: Collection[int] = ()) -> None:  # fmt: skip
     """Committed parts holding a row for each path, as a task of `buckets` running MODEL writes them,
-    without classifying anything."""
+    without classifying anything; the rows of the FAILED positions say `io error`."""
     output.mkdir(parents=True, exist_ok=True)
     spec = models.resolve(*MODEL[1:4:2])
     rows = RowBuilder(spec.labels, TOPK, embeddings=False)
     record = {"identity": identity(spec, TOPK, embeddings=False, precision="fp32")}  # MODEL's, on the CPU
     for chunk, start in enumerate(range(0, len(paths), WRITE_ROWS), first_chunk):
         some = paths[start : start + WRITE_ROWS]
-        ids = np.tile(np.arange(TOPK, dtype=np.int32), (len(some), 1))
-        answers = Predictions(ids, np.full((len(some), TOPK), 0.2, np.float32), None)
+        decoded = [Decoded(index, error=FAILURE) if start + index in failed else Decoded(index, width=640, height=480)
+                   for index in range(len(some))]  # fmt: skip
+        good = sum(item.error is None for item in decoded)
+        ids = np.tile(np.arange(TOPK, dtype=np.int32), (good, 1))
+        answers = Predictions(ids, np.full((good, TOPK), 0.2, np.float32), None)
         name = f"part-{buckets.start:05d}-{buckets.stop:05d}-c{chunk:06d}.parquet"
         writer = ChunkWriter(str(output / name), rows.schema, record)
-        writer.add(rows.build(some, [Decoded(index, width=640, height=480) for index in range(len(some))], answers))
+        writer.add(rows.build(some, decoded, answers))
         writer.close()
 
 
