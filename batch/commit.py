@@ -23,13 +23,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from functools import partial
+from typing import Any, Collection, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch import mounts
+from batch import mounts, transient
 from batch import paths as stored
 from batch.paths import BUCKETS
 from batch.writer import METADATA_KEY, ROW_GROUP_ROWS, read_record, remove_if_present
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PART = re.compile(r"^part-(?P<start>\d{5})-(?P<stop>\d{5})-c(?P<chunk>\d{6,})\.parquet$")
 OLD_PART = re.compile(r"^part-\d{5,}-of-\d{5,}-c\d{6,}\.parquet$")  # batch 0.x: contiguous slices
-STAGING = re.compile(r"^\.part-(?P<start>\d{5})-(?P<stop>\d{5})-c\d{6,}\.parquet(?P<rewrite>\.retry)?\.tmp$")
+STAGING = re.compile(r"^\.part-(?P<start>\d{5})-(?P<stop>\d{5})-c\d{6,}\.parquet(?P<rewrite>\.\w+\.retry)?\.tmp$")
 LOCK_FILE = ".lock"
 
 
@@ -154,6 +155,7 @@ class OutputDir:
         self.replaced: list[Part] = []  # --overwrite: parts to delete just before the first new one appears
         self.retried = RetriedRows(self)  # --retry-failed: failed rows being redone, and where they lie
         self._lock: Any = None
+        self._unguarded = False  # said once: a part's rewrite found no lock
 
     def _claim(self) -> None:
         """Lock one byte per bucket, held until the process exits: a second writer of any of these
@@ -221,17 +223,20 @@ class OutputDir:
                 "results are never mixed: choose another output or pass --overwrite"
             )
 
-    def unfinished(self, inputs: list[str], retry: RetryFailed | None = None) -> tuple[list[str], Committed]:
+    def unfinished(self, inputs: list[str], retry: RetryFailed | None = None,
+                   listed: Collection[str] = ()) -> tuple[list[str], Committed]:  # fmt: skip
         """The inputs without a row yet (and with `retry`, those whose row failed so), and what the rows of
         the others say, reading the overlapping parts one at a time: memory follows the inputs, not the
         output, whatever array size wrote the parts. The inputs to redo come last, by the part holding
-        their rows, so that each part is rewritten about once."""
+        their rows, so that each part is rewritten about once. `listed`: the containers this run listed
+        whole, whose failed `CONTAINER/` rows --retry-failed drops."""
         exact = [os.fsencode(path) for path in inputs]
         wanted = set(exact)  # a set built once: Arrow's is_in built a hash table of every input per batch
         done: dict[bytes, bool] = {}  # each name with a row kept: whether that row is an error
         for part in list_parts(self.root) if inputs else []:
             if part.meets(self.buckets) and part not in self.replaced:
-                for rows in _outcomes(part.path):
+                # A part another task renames over while it is read is ESTALE on NFS: read it again.
+                for rows in transient.retried(partial(_outcomes, part.path), transient.DEFAULT_RETRIES, part.path):
                     keys = stored.keys(rows)
                     ours = pa.array([key in wanted for key in keys.to_pylist()], pa.bool_())
                     failed = retry.selects(rows.column("error")) if retry else pa.repeat(False, len(keys))
@@ -240,7 +245,7 @@ class OutputDir:
                     errors = pc.is_valid(rows.column("error"))
                     done.update(zip(pc.filter(keys, kept).to_pylist(), pc.filter(errors, kept).to_pylist()))
                     self.retried.where.update(dict.fromkeys(pc.filter(keys, redo).to_pylist(), part.path))
-                    self._find_stale(part, pc.filter(keys, pc.and_not(failed, ours)))
+                    self._find_stale(part, pc.filter(keys, pc.and_not(failed, ours)), listed)
         where = self.retried.where
         todo = [path for path, name in zip(inputs, exact) if name not in done and name not in where]
         todo += sorted((path for path, name in zip(inputs, exact) if name in where), key=lambda path: where[os.fsencode(path)])
@@ -260,12 +265,13 @@ class OutputDir:
         self.next_chunk += 1
         return final
 
-    def _find_stale(self, part: Part, failed: pa.Array) -> None:
-        """Of the names of failed rows that are no input now, those of this range named `CONTAINER/`: a
-        container whose listing failed then lists whole (its members are new inputs), or is gone.
+    def _find_stale(self, part: Part, failed: pa.Array, listed: Collection[str]) -> None:
+        """Of the names of failed rows that are no input now, those of this range named `CONTAINER/` of a
+        container this run listed whole: its listing failed before, and its members are inputs now.
         --retry-failed drops them."""
         for key in failed.to_pylist():
-            if key.endswith(b"/") and stored.bucket_of(os.fsdecode(key)) in self.buckets:
+            name = os.fsdecode(key)
+            if name.endswith("/") and name[:-1] in listed and stored.bucket_of(name) in self.buckets:
                 self.retried.stale[key] = part.path
 
     def rewrite(self, part: str, rows: pa.Table | None, dropped: Iterable[bytes] = ()) -> None:
@@ -275,7 +281,6 @@ class OutputDir:
         part written by an array of another size may hold a sibling task's rows, which it may be redoing."""
         match = PART.match(os.path.basename(part))
         assert match, part
-        staging = os.path.join(self.root, f".{os.path.basename(part)}.retry.tmp")
         with self._locked(BUCKETS + int(match["start"]), int(match["stop"]) - int(match["start"])):
             source = pq.ParquetFile(part)
             record = read_record(part)
@@ -285,12 +290,22 @@ class OutputDir:
             record["retried"] = [*record.get("retried", []), redone]
             schema = source.schema_arrow.remove_metadata()
             names = pa.array((stored.keys(rows).to_pylist() if rows else []) + dropped, pa.binary())
+            # A name of its own: were the lock not there, two rewriters would not write into one file.
+            descriptor, staging = tempfile.mkstemp(dir=self.root, prefix=f".{os.path.basename(part)}.", suffix=".retry.tmp")
+            os.close(descriptor)
             try:
+                errors = 0
                 with pq.ParquetWriter(staging, schema, compression="zstd") as writer:
                     for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
-                        writer.write_batch(batch.filter(pc.invert(pc.is_in(stored.keys(batch), value_set=names))))
+                        kept = batch.filter(pc.invert(pc.is_in(stored.keys(batch), value_set=names)))
+                        errors += kept.num_rows - kept.column("error").null_count
+                        if kept.num_rows:
+                            writer.write_batch(kept)
                     if rows:
-                        writer.write_table(rows.cast(schema))
+                        errors += rows.num_rows - rows.column("error").null_count
+                        writer.write_table(rows.select(schema.names).cast(schema))
+                    if "chunk" in record:
+                        record["chunk"]["errors"] = errors
                     writer.add_key_value_metadata({METADATA_KEY: json.dumps(record, sort_keys=True).encode()})
                 with open(staging, "rb+") as handle:
                     os.fsync(handle.fileno())
@@ -306,7 +321,10 @@ class OutputDir:
         range was claimed), go on unguarded."""
         try:
             fcntl.lockf(self._lock, fcntl.LOCK_EX, length, start)
-        except (OSError, TypeError, ValueError):  # no locks here, or no lock file (a run that never claimed)
+        except (OSError, TypeError, ValueError) as error:  # no locks here, or no lock file (never claimed)
+            if self._lock is not None and not self._unguarded:
+                self._unguarded = True
+                log.warning("%s; rewriting parts unguarded", mounts.lock_failure_hint(self._lock.name, error))
             yield
             return
         try:
@@ -392,8 +410,9 @@ def _within(inner: range, outer: range) -> bool:
     return outer.start <= inner.start and inner.stop <= outer.stop
 
 
-def _outcomes(part: str) -> Iterable[pa.RecordBatch]:
-    """A part's names and errors, a batch at a time."""
+def _outcomes(part: str) -> list[pa.RecordBatch]:
+    """A part's names and errors: one chunk's worth, read whole, so that a read that fails midway is
+    read again from the start."""
     handle = pq.ParquetFile(part)
     columns = [name for name in ("path", "path_bytes", "error") if name in handle.schema_arrow.names]
-    return handle.iter_batches(batch_size=65_536, columns=columns)
+    return list(handle.iter_batches(batch_size=65_536, columns=columns))

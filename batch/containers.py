@@ -306,7 +306,11 @@ class Reader:
                 descriptor = os.open(container, os.O_RDONLY)
             except OSError as error:
                 raise MemberError(f"read error: cannot open {container}: {error.strerror or error}", error.errno) from None
-            self._descriptor = (container, descriptor, os.fstat(descriptor).st_size)
+            try:
+                self._descriptor = (container, descriptor, os.fstat(descriptor).st_size)
+            except OSError as error:
+                os.close(descriptor)
+                raise MemberError(f"read error: {container}: {error.strerror or error}", error.errno) from None
         _, descriptor, length = self._descriptor
         if offset + size > length:
             raise MemberError(_cut(max(length - offset, 0), size))

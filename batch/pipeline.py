@@ -113,6 +113,9 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     """Validate the arguments before any work; raises a ValueError subclass naming what is wrong."""
     if options.topk < 1:
         raise ValueError(f"--topk must be at least 1, not {options.topk}")
+    if sum(transient.delays(options.io_retries)) >= options.decode_timeout:
+        raise ValueError(f"--io-retries {options.io_retries} waits {sum(transient.delays(options.io_retries)):g} s in "
+                         f"all, past --decode-timeout {options.decode_timeout:g} s: a file would be killed as hung")
     if options.retry_failed and options.overwrite:
         raise ValueError("--retry-failed redoes the failed rows, --overwrite every row: choose one")
     if options.max_error_rate is not None and not 0 <= options.max_error_rate <= 1:
@@ -215,10 +218,7 @@ def execute(run: Plan, stop: StopRequest) -> int:
     buckets = run.shard.buckets
     inputs = sources.gather(options.sources, buckets)
     mine = inputs.paths
-    todo, earlier = run.output.unfinished(mine, options.retry_failed)
-    if dropped := run.output.retried.drop_stale():
-        log.info("dropped %d failed rows of containers that list whole now (or are gone): their members are inputs",
-                 dropped)  # fmt: skip
+    todo, earlier = run.output.unfinished(mine, options.retry_failed, inputs.listed)
     redo = len(run.output.retried.where)
     log.info(
         "shard %d of %d (buckets %d-%d): %d inputs, %d already done, %d to classify%s with %s (%s) on %s, %s",
@@ -229,13 +229,17 @@ def execute(run: Plan, stop: StopRequest) -> int:
     if mine and not todo:
         log.info("nothing to classify: every input of this shard already has a row in %s", options.output)
     tally = Tally(earlier)
-    if todo and not stop.requested:
-        try:
+    try:
+        if dropped := run.output.retried.drop_stale():
+            log.info("dropped %d failed rows of containers that list whole now: their members are inputs", dropped)
+        if todo and not stop.requested:
             _stream(run, todo, inputs.members, tally, stop)
-        except OSError as error:
-            if transient.errno_of(error) not in FULL:
-                raise
-            return _output_full(run, tally, error)
+    except OutputFull as full:
+        return _output_full(run, tally, full.error)
+    except OSError as error:  # dropping rows of containers rewrites parts, outside the writer's thread
+        if transient.errno_of(error) not in FULL:
+            raise
+        return _output_full(run, tally, error)
     if not stop.requested:
         run.output.drop_replaced()  # --overwrite over a shard that had nothing left to write
     return _finish(run, tally, stop, time.monotonic() - started)
@@ -327,7 +331,8 @@ class _Writer(threading.Thread):
                 self._commit(chunk)
                 chunk = None
         except BaseException as failure:  # noqa: BLE001 - handed to the main thread
-            self.failure = failure
+            full = isinstance(failure, OSError) and transient.errno_of(failure) in FULL
+            self.failure = OutputFull(failure) if full else failure  # this thread's writes are the output's
             while not isinstance(self.work.get(), bool):
                 pass  # so that `put` never blocks on a full queue
         finally:
@@ -345,6 +350,14 @@ class _Writer(threading.Thread):
         if redone:
             self.tally.committed += redone
             log.debug("put %d redone rows in place of failed ones", redone)
+
+
+class OutputFull(Exception):
+    """The output's disk or quota filled while this run wrote it (`error`)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _output_full(run: Plan, tally: Tally, error: OSError) -> int:

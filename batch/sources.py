@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
@@ -96,25 +96,27 @@ def _kind(path: str) -> str | None:
 class Inputs:
     paths: list[str]  # absolute, without duplicates, sorted
     members: dict[str, manifest.Found]  # those inside a tar or Parquet file, by path: where to read them
+    listed: set[str] = field(default_factory=set)  # the containers this run listed whole (walks, not manifests)
 
 
 def gather(sources: Iterable[str], buckets: range = range(BUCKETS)) -> Inputs:
     """The inputs named by the sources that fall in `buckets`, with where the packed ones lie."""
     paths: set[str] = set()
     members: dict[str, manifest.Found] = {}
+    listed: set[str] = set()
     for source in sources:
-        for item in _in_buckets(source, buckets):
+        for item in _in_buckets(source, buckets, listed):
             paths.add(item.path)
             if item.container is not None:
                 members[item.path] = item
-    return Inputs(sorted(paths), members)
+    return Inputs(sorted(paths), members, listed)
 
 
-def _in_buckets(source: str, buckets: range) -> Iterator[manifest.Found]:
+def _in_buckets(source: str, buckets: range, listed: set[str]) -> Iterator[manifest.Found]:
     if is_manifest(source):
         yield from manifest.found_in(manifest.read(source, buckets))
     else:
-        yield from (item for item in _expand(source, facts=False) if bucket_of(item.path) in buckets)
+        yield from (item for item in _expand(source, facts=False, whole=listed) if bucket_of(item.path) in buckets)
 
 
 def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str]:
@@ -137,9 +139,11 @@ def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
     return manifest.table_of(everything())
 
 
-def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
+def _expand(source: str, threads: int | None = None, facts: bool = True,
+            whole: set[str] | None = None) -> Iterator[manifest.Found]:  # fmt: skip
     """The inputs a source names; with `facts`, their size and mtime (which costs a stat each). The images
-    inside tars and Parquet files come with their size and place, which their listing gives for free."""
+    inside tars and Parquet files come with their size and place, which their listing gives for free.
+    The containers listed whole (without a `CONTAINER/` row) are added to `whole`."""
     if source.startswith("@"):
         found: Iterable[manifest.Found] = read_list(source[1:], threads, facts)
     elif os.path.isdir(source):
@@ -149,12 +153,12 @@ def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iter
     inputs, skipped = 0, []
     for item in found:
         if containers.is_tar_name(item.path) and os.path.isfile(item.path):
-            listed: Iterable[manifest.Found] = _listing(item.path, partial(containers.list_tar, item.path, is_image_name))
+            listed = _listing(item.path, partial(containers.list_tar, item.path, is_image_name), whole)
         elif is_parquet_name(item.path):
             if _kind(item.path) != "images":
                 skipped.append(item.path)
                 continue
-            listed = _listing(item.path, partial(containers.list_image_table, item.path))
+            listed = _listing(item.path, partial(containers.list_image_table, item.path), whole)
         else:
             listed = [item]
         for each in listed:
@@ -163,16 +167,21 @@ def _expand(source: str, threads: int | None = None, facts: bool = True) -> Iter
     _tell(source, inputs, skipped)
 
 
-def _listing(container: str, members: Callable[[], Iterable[manifest.Found]]) -> list[manifest.Found]:
-    """A container's members. A listing that fails for a reason outside the file is tried again; one that
-    still fails is one row, `CONTAINER/`, whose error is an `io error`, which --retry-failed redoes."""
+def _listing(container: str, members: Callable[[], Iterable[manifest.Found]],
+             whole: set[str] | None = None) -> list[manifest.Found]:  # fmt: skip
+    """A container's members, and `container` added to `whole` when they are all there. A listing that
+    fails for a reason outside the file is tried again; one that still fails is one row, `CONTAINER/`,
+    whose error is an `io error`, which --retry-failed redoes."""
     try:
-        return transient.retried(lambda: list(members()), transient.DEFAULT_RETRIES, f"cannot list {container}")
+        listed = transient.retried(lambda: list(members()), transient.DEFAULT_RETRIES, f"cannot list {container}")
     except (OSError, pa.ArrowException) as error:
         if not transient.is_transient(error):
             raise
         failure = transient.describe(error, transient.DEFAULT_RETRIES + 1)
         return [manifest.Found(f"{container}/", None, None, container, None, None, None, failure)]
+    if whole is not None and all(found.path != f"{container}/" for found in listed):
+        whole.add(container)
+    return listed
 
 
 def _tell(source: str, inputs: int, skipped: list[str]) -> None:

@@ -45,7 +45,7 @@ for ((i = 1; i <= $#; i++)); do
         --retry-kind) ((i < $#)) && next=$((i + 1)) && retry+=("${!i}" "${!next}") ;;
     esac
 done
-count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" "${retry[@]}")
+count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" ${retry[@]+"${retry[@]}"})
 [[ $count =~ ^[0-9]+$ ]] || { echo "batch pending printed '$count', not a count" >&2 && exit 1; }
 if ((count == 0)); then
     echo "nothing to classify: every image in $manifest has a row in $output"

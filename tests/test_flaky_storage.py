@@ -91,6 +91,9 @@ def test_retry_kind_redoes_only_errors_of_that_kind(tmp_path):
     assert refused.returncode == 2 and "--retry-kind narrows --retry-failed" in refused.stderr
     both = run_batch("classify", tmp_path / "in", "-o", output, *FAST, "--retry-failed", "--overwrite", check=False)
     assert both.returncode == 2 and "choose one" in both.stderr
+    long = run_batch("classify", tmp_path / "in", "-o", output, *FAST, "--io-retries", "4", "--decode-timeout", "30",
+                     check=False)  # fmt: skip
+    assert long.returncode == 2 and "--io-retries 4 waits 42.5 s in all, past --decode-timeout 30 s" in long.stderr
 
 
 def test_pending_with_retry_failed_lists_the_failed_inputs_too(tmp_path):
@@ -234,9 +237,13 @@ def test_a_tar_whose_listing_and_member_reads_fail_for_a_moment(tmp_path):
     assert list(rows) == [f"{tar}/"]
     assert rows[f"{tar}/"][0]["error"] == "io error: [Errno 5] Input/output error (failed 4 times)"
 
+    small_images(tmp_path / "other", 2)  # a run that does not list the tar leaves its row alone
+    run_batch("classify", tmp_path / "other", "-o", output, *FAST, "--workers", "1", "--retry-failed")
+    assert rows_by_path(output)[f"{tar}/"][0]["error"].startswith("io error")
+
     run_batch("classify", tmp_path / "in", "-o", output, *FAST, "--workers", "1", "--retry-failed",
               env=fault_env("shard.tar", 2, errno.EIO, tokens_dir=tmp_path / "tokens"))  # member reads fail twice
-    rows = rows_by_path(output)
+    rows = {path: found for path, found in rows_by_path(output).items() if "/other/" not in path}
     assert sorted(rows) == sorted(f"{tar}/{picture.name}" for picture in pictures)  # the tar's row is gone
     assert all(len(found) == 1 and found[0]["error"] is None for found in rows.values())
 

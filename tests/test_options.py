@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from batch import bench, cli, pipeline
 from batch.bench import BenchOptions
+from batch.commit import RetryFailed
 from batch.environment import Shard
 from batch.models import PreprocessOverrides
 from batch.pipeline import ClassifyOptions
@@ -38,6 +39,10 @@ CLASSIFY = [  # arguments beyond the base, and what they change
     (["--max-error-rate", "0.25"], {"max_error_rate": 0.25}),
     (["--commit-every", "12.5"], {"commit_every": 12.5}),
     (["--decode-timeout", "7.5"], {"decode_timeout": 7.5}),
+    (["--io-retries", "5"], {"io_retries": 5}),
+    (["--retry-failed"], {"retry_failed": RetryFailed()}),
+    (["--retry-failed", "--retry-kind", "io error", "--retry-kind", "truncated"],
+     {"retry_failed": RetryFailed(("io error", "truncated"))}),
     (["--verbose"], {"verbose": True}),
 ]
 BENCH = [
