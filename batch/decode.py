@@ -13,7 +13,7 @@ import stat
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -75,16 +75,17 @@ _members = Reader()  # this process's open container, kept from one member to th
 
 
 def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None,
-           retries: int = transient.DEFAULT_RETRIES) -> Decoded:  # fmt: skip
+           retries: int = transient.DEFAULT_RETRIES, sleep: Callable[[float], None] = time.sleep) -> Decoded:  # fmt: skip
     """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes.
     A read that fails for a reason outside the file (batch.transient) is tried again, opened afresh,
-    after a growing wait; only when every try failed does the row say `io error`."""
+    after a growing wait (through `sleep`: the pool's stops its hang clock); only when every try failed
+    does the row say `io error`."""
     for delay in transient.delays(retries):
         try:
             return _decode_once(index, path, preprocess, member)
         except _Transient:
             _members.close()
-            time.sleep(delay)
+            sleep(delay)
     try:
         return _decode_once(index, path, preprocess, member)
     except _Transient as problem:

@@ -113,9 +113,6 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     """Validate the arguments before any work; raises a ValueError subclass naming what is wrong."""
     if options.topk < 1:
         raise ValueError(f"--topk must be at least 1, not {options.topk}")
-    if sum(transient.delays(options.io_retries)) >= options.decode_timeout:
-        raise ValueError(f"--io-retries {options.io_retries} waits {sum(transient.delays(options.io_retries)):g} s in "
-                         f"all, past --decode-timeout {options.decode_timeout:g} s: a file would be killed as hung")
     if options.retry_failed and options.overwrite:
         raise ValueError("--retry-failed redoes the failed rows, --overwrite every row: choose one")
     if options.max_error_rate is not None and not 0 <= options.max_error_rate <= 1:

@@ -255,6 +255,12 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
     ignore_stop_signals()
     torch.set_num_threads(1)
     parent = os.getppid()
+
+    def sleep_off_the_clock(seconds: float) -> None:
+        """A wait before a read is tried again is no hang: --decode-timeout times each try."""
+        since[number] = time.monotonic() + seconds
+        time.sleep(seconds)
+
     while True:
         while not connection.poll(WATCHDOG_SECONDS):
             if os.getppid() != parent:
@@ -270,7 +276,7 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         for index in indices:
             since[number] = time.monotonic()  # before `current`: the main process reads them the other way round
             current[number] = index
-            item = _decode(index, paths, members, preprocess, retries)
+            item = decode(index, paths[index], preprocess, members.get(paths[index]), retries, sleep_off_the_clock)
             if item.pixels is not None:
                 slots[slot, good].numpy()[...] = item.pixels
                 item.pixels = None
@@ -278,10 +284,6 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
             items.append(item)
         current[number] = IDLE
         connection.send((slot, items))
-
-
-def _decode(index: int, paths: list[str], members: dict[str, Found], preprocess: Preprocess, retries: int) -> Decoded:
-    return decode(index, paths[index], preprocess, members.get(paths[index]), retries)
 
 
 def page_lock(memory: torch.Tensor) -> bool:
