@@ -6,14 +6,19 @@ are caught before torch takes seconds to import.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 import batch
 from batch import transient
 from batch.stopping import StopRequest
+
+if TYPE_CHECKING:
+    from batch.spill import Budget
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 LOG_DATE_FORMAT = "%H:%M:%S"
@@ -47,6 +52,44 @@ RETRY_FAILED = click.option("--retry-failed", is_flag=True,
 RETRY_KIND = click.option("--retry-kind", "retry_kinds", multiple=True, metavar="KIND",
                           help="With --retry-failed, only errors of this kind ('io error', 'decoder crashed'...); "
                                "repeatable.")  # fmt: skip
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        from batch.spill import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def budget_options(command: Callable) -> Callable:
+    """--memory and --spill-dir, for the commands that hold every name (batch.spill): the command gets
+    their `budget`, and a budget it cannot keep ends it with the message of what to change."""
+
+    @functools.wraps(command)
+    def within_budget(*args: Any, memory: int | None, spill_dir: str | None, **kwargs: Any) -> Any:
+        from batch.spill import Budget, SpillError
+
+        try:
+            budget = Budget.of(memory, spill_dir)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+        try:
+            return command(*args, budget=budget, **kwargs)
+        except SpillError as error:
+            raise click.ClickException(str(error)) from None
+
+    within_budget = click.option("--spill-dir", type=click.Path(file_okay=False),
+                                 help="Where to spill past --memory  [default: TMPDIR]")(within_budget)  # fmt: skip
+    return click.option("--memory", type=Size(),
+                        help="Memory this may hold, as Slurm writes it (4G, 4096M)  [default: the Slurm "
+                             "allocation, else 1.5G]")(within_budget)  # fmt: skip
 
 
 def _retry(retry_failed: bool, retry_kinds: tuple[str, ...]):  # -> RetryFailed | None, imported late
@@ -162,7 +205,8 @@ def _environment():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
 @click.option("--threads", type=click.IntRange(1),
               help="Folders listed and files stat-ed at once  [default: 32 on a network file system, else 1]")
-def index(sources: tuple[str, ...], output: str, threads: int | None) -> None:
+@budget_options
+def index(sources: tuple[str, ...], output: str, threads: int | None, budget: Budget) -> None:
     """Walk SOURCES once, with many threads on a network file system, and write their inputs to a manifest.
 
     The manifest (path, size, mtime, bucket) is laid out so that each array task of
@@ -175,11 +219,10 @@ def index(sources: tuple[str, ...], output: str, threads: int | None) -> None:
 
     try:
         check_sources(sources)
-        table = walk(sources, threads)
+        count = manifest.write(walk(sources, threads), output, budget)
     except SourceError as error:
         raise click.UsageError(str(error)) from None
-    manifest.write(table, output)
-    click.echo(f"indexed {table.num_rows} images into {output}")
+    click.echo(f"indexed {count} images into {output}")
 
 
 @main.command()
@@ -189,7 +232,8 @@ def index(sources: tuple[str, ...], output: str, threads: int | None) -> None:
               help="Manifest of the inputs without a row, to write.")
 @RETRY_FAILED
 @RETRY_KIND
-def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_kinds: tuple[str, ...]) -> None:
+@budget_options
+def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_kinds: tuple[str, ...], budget: Budget) -> None:
     """Write the inputs of MANIFEST that have no row in OUTPUT yet (with --retry-failed, or a failed
     one), as a manifest for the next array.
 
@@ -199,7 +243,7 @@ def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_ki
     from batch.summary import pending as write_pending
 
     try:
-        click.echo(write_pending(manifest, output, to_do, _retry(retry_failed, retry_kinds)))
+        click.echo(write_pending(manifest, output, to_do, _retry(retry_failed, retry_kinds), budget))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 
@@ -209,14 +253,15 @@ def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_ki
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
               help="Check that every input of this manifest has exactly one row.")
 @click.option("--top", default=10, show_default=True, help="How many labels to list.")
-def summary(output: str, manifest: str | None, top: int) -> None:
+@budget_options
+def summary(output: str, manifest: str | None, top: int, budget: Budget) -> None:
     """Rows, errors by kind, top labels and throughput of a results directory.
 
     Exits 1 if a path has more than one row, or (with --manifest) if any input has none.
     """
     from batch.summary import summarize
 
-    report, healthy = summarize(output, manifest, top)
+    report, healthy = summarize(output, manifest, top, budget)
     click.echo(report)
     sys.exit(0 if healthy else 1)
 
@@ -225,7 +270,8 @@ def summary(output: str, manifest: str | None, top: int) -> None:
 @click.argument("output", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--html", "target", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
 @click.option("--title", help="The page's heading  [default: 'batch report: OUTPUT']")
-def report(output: str, target: str, title: str | None) -> None:
+@budget_options
+def report(output: str, target: str, title: str | None, budget: Budget) -> None:
     """One self-contained HTML page about OUTPUT: labels as a chart, thumbnails of the frequent ones,
     the least confident predictions, errors by kind, provenance and throughput.
 
@@ -234,7 +280,7 @@ def report(output: str, target: str, title: str | None) -> None:
     from batch.report import write_report
 
     try:
-        click.echo(write_report(output, target, title))
+        click.echo(write_report(output, target, title, budget))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 

@@ -92,14 +92,21 @@ class JobEnvironment:
         except AttributeError:  # not Linux
             return os.cpu_count() or 1
 
-    def memory(self) -> int:
-        """Bytes of memory this task may use: Slurm's allocation (--mem, or --mem-per-cpu times the CPUs),
-        else the container's or cgroup's limit, else the machine's."""
+    def allotted_memory(self) -> int | None:
+        """Bytes of memory Slurm gave this task (--mem, or --mem-per-cpu times the CPUs), or None."""
         per_node, per_cpu = self._int("SLURM_MEM_PER_NODE"), self._int("SLURM_MEM_PER_CPU")
         if per_node:
             return per_node * 2**20  # Slurm counts in MiB
         if per_cpu:
             return per_cpu * 2**20 * self.cpus()
+        return None
+
+    def memory(self) -> int:
+        """Bytes of memory this task may use: Slurm's allocation, else the container's or cgroup's limit,
+        else the machine's."""
+        allotted = self.allotted_memory()
+        if allotted:
+            return allotted
         try:
             with open(CGROUP_MEMORY_LIMIT, encoding="ascii") as handle:
                 limit = handle.read().strip()

@@ -10,6 +10,7 @@ a `path` column still works, but every task then reads all of it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -28,11 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch import paths as stored
+from batch import spill
 from batch.paths import BUCKETS, bucket_of
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 65_536
+SPILL_ROWS = 1_000_000  # inputs held as Python objects at once while indexing: about 0.3 GB
 LAYOUT_KEY = b"batch.manifest"
 LAYOUT = {"version": 2, "buckets": BUCKETS, "sorted_by": ["bucket", "path"]}
 SCHEMA = pa.schema(
@@ -160,7 +163,8 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _found(path: str, info: os.stat_result | None) -> Found:
+def found_from(path: str, info: os.stat_result | None) -> Found:
+    """The input at PATH from its stat, or from None where the stat failed."""
     if info is None:  # dangling symlink: its own mtime still says when it changed
         try:
             return Found(path, None, os.lstat(path).st_mtime_ns)
@@ -174,9 +178,9 @@ def describe(path: str, facts: bool = True) -> Found:
     if not facts:
         return Found(path, None, None)
     try:
-        return _found(path, os.stat(path))
+        return found_from(path, os.stat(path))
     except OSError:
-        return _found(path, None)
+        return found_from(path, None)
 
 
 class Counter:
@@ -197,30 +201,6 @@ class Counter:
 # --- writing and reading -------------------------------------------------------------------------
 
 
-def table_of(found: Iterable[Found]) -> pa.Table:
-    """The manifest's rows, in the order tasks read them: by bucket, then by path."""
-    names: list[str] = []
-    facts: dict[str, list] = {name: [] for name in ("size", "mtime", "member", "offset", "key", "url", "error")}
-    for item in found:  # flat lists: ten million small objects would need gigabytes
-        names.append(item.path)
-        for name, value in zip(facts, (item.size, item.mtime_ns, item.member, item.offset, item.key, item.url, item.error)):
-            facts[name].append(value)
-    table = pa.table(
-        {
-            **stored.path_columns(names),
-            "bucket": pa.array([bucket_of(name) for name in names], pa.uint16()),
-            **{name: pa.array(values, SCHEMA.field(name).type) for name, values in facts.items() if name != "mtime"},
-            "mtime": pa.array(facts["mtime"], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
-        },
-    ).select(SCHEMA.names).cast(SCHEMA)
-    keyed = table.append_column("exact", stored.keys(table)).sort_by([("bucket", "ascending"), ("exact", "ascending")])
-    key = keyed.column("exact")
-    if keyed.num_rows > 1:  # one file named by two sources keeps one row
-        differs = pc.not_equal(key.slice(1), key.slice(0, keyed.num_rows - 1)).combine_chunks()
-        keyed = keyed.filter(pa.concat_arrays([pa.array([True]), differs]))
-    return keyed.drop_columns(["exact"])
-
-
 @contextmanager
 def _atomically(output: str) -> Iterator[Path]:
     """A staging name to write, renamed onto `output` once whole: a half-written manifest never exists."""
@@ -233,26 +213,102 @@ def _atomically(output: str) -> Iterator[Path]:
         staging.unlink(missing_ok=True)
 
 
-def write(table: pa.Table, output: str) -> None:
-    with _atomically(output) as staging:
-        pq.write_table(table, staging, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+def write(found: Iterable[Found], output: str, budget: spill.Budget | None = None) -> int:
+    """Write the inputs FOUND as a laid-out manifest at OUTPUT; how many rows (a file named by two
+    sources keeps one, the first found). Memory does not grow with the count: the names are spilled
+    to Parquet SPILL_ROWS at a time, DuckDB sorts them out of core within the BUDGET, and the sorted
+    rows are streamed into the manifest a row group at a time."""
+    budget = budget or spill.Budget.of()
+    with budget.folder_of_its_own("batch-index-") as folder, _atomically(output) as staging:
+        chunks = _spill(found, folder, budget)
+        with pq.ParquetWriter(staging, SCHEMA, compression="zstd") as writer:
+            if not chunks:
+                writer.write_table(SCHEMA.empty_table())
+                return 0
+            with budget.connect() as connection:
+                ordered = connection.sql(
+                    "SELECT * FROM read_parquet($chunks) ORDER BY bucket, exact, found", params={"chunks": chunks}
+                )
+                return _write_once_each(spill.arrow_reader(ordered, ROW_GROUP_ROWS), writer)
 
 
-def copy_rows(manifest: str, rows: np.ndarray | None, output: str) -> int:
-    """Rows `rows` (sorted row numbers; None for all) of a laid-out manifest into a new one, one row group
-    at a time, so memory is that of a row group; how many."""
+def _spill(found: Iterable[Found], folder: str, budget: spill.Budget) -> list[str]:
+    """FOUND as Parquet files in FOLDER of SPILL_ROWS rows each, with each row's exact name (`exact`)
+    and place in FOUND (`found`); mtime as integer nanoseconds, which DuckDB would round to microseconds."""
+    chunks: list[str] = []
+    items = iter(found)
+    first = 0
+    while chunk := list(itertools.islice(items, SPILL_ROWS)):
+        names = [item.path for item in chunk]
+        table = pa.table({
+            **stored.path_columns(names),
+            "bucket": pa.array([bucket_of(name) for name in names], pa.uint16()),
+            "size": pa.array([item.size for item in chunk], pa.int64()),
+            "mtime": pa.array([item.mtime_ns for item in chunk], pa.int64()),
+            "member": pa.array([item.member for item in chunk], pa.binary()),
+            **{name: pa.array([getattr(item, name) for item in chunk], SCHEMA.field(name).type)
+               for name in ("offset", "key", "url", "error")},
+            "found": pa.array(range(first, first + len(chunk)), pa.int64()),
+        })  # fmt: skip
+        chunks.append(os.path.join(folder, f"{len(chunks)}.parquet"))
+        try:
+            pq.write_table(table.append_column("exact", stored.keys(table)), chunks[-1], compression="lz4")
+        except OSError as error:
+            raise budget.cannot_spill(error) from None
+        first += len(chunk)
+    return chunks
+
+
+def _write_once_each(ordered: pa.RecordBatchReader, writer: pq.ParquetWriter) -> int:
+    """The sorted rows into WRITER in row groups of ROW_GROUP_ROWS, each exact name once; how many."""
+    pending: list[pa.Table] = []
+    held = written = 0
+    last: pa.Scalar | None = None
+    for batch in ordered:
+        exact = batch.column("exact")
+        differs = pc.not_equal(exact.slice(1), exact.slice(0, len(batch) - 1))
+        head = pa.array([last is None or not last.equals(exact[0])]) if len(batch) else pa.array([], pa.bool_())
+        kept = pa.Table.from_batches([batch]).filter(pa.concat_arrays([head, differs]))
+        if len(batch):
+            last = exact[len(batch) - 1]
+        table = kept.select(SCHEMA.names).set_column(
+            SCHEMA.get_field_index("mtime"), "mtime", kept.column("mtime").cast(SCHEMA.field("mtime").type)
+        ).cast(SCHEMA)  # fmt: skip
+        pending.append(table)
+        held += table.num_rows
+        while held >= ROW_GROUP_ROWS:
+            whole = pa.concat_tables(pending)
+            writer.write_table(whole.slice(0, ROW_GROUP_ROWS))
+            pending, held = [whole.slice(ROW_GROUP_ROWS)], whole.num_rows - ROW_GROUP_ROWS
+            written += ROW_GROUP_ROWS
+    if held or not written:
+        writer.write_table(pa.concat_tables(pending) if pending else SCHEMA.empty_table())
+    return written + held
+
+
+def copy_rows(manifest: str, rows: Iterable[np.ndarray] | None, output: str) -> int:
+    """Rows `rows` of a laid-out manifest into a new one, one row group at a time; how many. `rows` are
+    row numbers in ascending order, in arrays of any length (None for all), so memory is that of a row
+    group and an array whatever the count."""
     source = pq.ParquetFile(manifest)
+    batches = iter(rows) if rows is not None else None
+    held = np.empty(0, np.int64)
     copied, first = 0, 0
     schema = source.schema_arrow  # as it was written: a manifest of an earlier version lacks the member columns
     with _atomically(output) as staging, pq.ParquetWriter(staging, schema, compression="zstd") as writer:
         for group in range(source.num_row_groups):
-            size = source.metadata.row_group(group).num_rows
-            low, high = (0, size) if rows is None else np.searchsorted(rows, [first, first + size])
-            if high > low:
-                table = source.read_row_group(group)
-                writer.write_table(table if rows is None else table.take(rows[low:high] - first))
-                copied += int(high - low)
-            first += size
+            end = first + source.metadata.row_group(group).num_rows
+            if batches is None:
+                writer.write_table(source.read_row_group(group))
+                copied, first = copied + end - first, end
+                continue
+            while not (held.size and held[-1] >= end) and (more := next(batches, None)) is not None:
+                held = np.concatenate([held, np.asarray(more, np.int64)])
+            cut = int(np.searchsorted(held, end))
+            if cut:
+                writer.write_table(source.read_row_group(group).take(held[:cut] - first))
+                copied += cut
+            held, first = held[cut:], end
         if not copied:
             writer.write_table(schema.empty_table())
     return copied

@@ -34,7 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from batch import containers, transient
 from batch.commit import list_parts
 from batch.decode import to_rgb
-from batch.summary import Throughput, connect
+from batch.spill import Budget
+from batch.summary import Throughput
 from batch.writer import read_record
 
 LABELS_SHOWN = 30
@@ -68,7 +69,7 @@ class Picture:
         return self.path if self.path_bytes is None else os.fsdecode(self.path_bytes)
 
 
-def write_report(output: str, target: str, title: str | None = None) -> str:
+def write_report(output: str, target: str, title: str | None = None, budget: Budget | None = None) -> str:
     """Write the page for OUTPUT to TARGET atomically; a line saying what was written. Raises ValueError
     naming the problem (no parts, a target folder that cannot be written) before any work."""
     parts = [part.path for part in list_parts(output)]
@@ -77,14 +78,14 @@ def write_report(output: str, target: str, title: str | None = None) -> str:
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {target}: {folder} is not a writable folder")
-    page = render(output, parts, title or f"batch report: {output}")
+    page = render(output, parts, title or f"batch report: {output}", budget or Budget.of())
     _replace(target, page.encode())
     return f"wrote {target} ({len(page) / 1e6:.2f} MB, {page.count('<img ')} thumbnails)"
 
 
-def render(output: str, parts: list[str], title: str) -> str:
+def render(output: str, parts: list[str], title: str, budget: Budget) -> str:
     records = [read_record(path) for path in parts]
-    with connect() as connection:
+    with budget.connect() as connection:
         query = _Query(connection, parts)
         labels = dict(query.rows("SELECT label, count(*) FROM parts GROUP BY label"))
         errors = labels.pop(None, 0)

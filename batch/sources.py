@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator
@@ -124,19 +125,16 @@ def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str
     return gather(sources, buckets).paths
 
 
-def index(sources: Iterable[str], threads: int | None = None) -> pa.Table:
-    """Every input of the sources with its size and mtime, as a manifest table; manifests are refused."""
+def index(sources: Iterable[str], threads: int | None = None) -> Iterator[manifest.Found]:
+    """Every input of the sources with its size and mtime, as found, for `manifest.write`; manifests are
+    refused."""
     counter = manifest.Counter("indexing")
-
-    def everything() -> Iterator[manifest.Found]:
-        for source in sources:
-            if is_manifest(source):
-                raise SourceError(f"{source} is a manifest already: index the folders it was made from")
-            for found in _expand(source, threads):
-                counter.tick()
-                yield found
-
-    return manifest.table_of(everything())
+    for source in sources:
+        if is_manifest(source):
+            raise SourceError(f"{source} is a manifest already: index the folders it was made from")
+        for found in _expand(source, threads):
+            counter.tick()
+            yield found
 
 
 def _expand(source: str, threads: int | None = None, facts: bool = True,
@@ -203,8 +201,12 @@ def read_list(list_file: str, threads: int | None = None, facts: bool = True) ->
             entry = line.rstrip("\r\n")
             if not entry.strip() or entry.lstrip().startswith("#"):
                 continue
-            path = os.path.join(base, entry)
-            if os.path.isdir(path):
+            path = os.path.abspath(os.path.join(base, entry))
+            try:  # one stat tells a folder and gives a file's facts: on Lustre each is a server's answer
+                info: os.stat_result | None = os.stat(path)
+            except OSError:
+                info = None
+            if info is not None and stat.S_ISDIR(info.st_mode):
                 yield from manifest.walk(path, is_input_name, threads, facts)
             else:
-                yield manifest.describe(os.path.abspath(path), facts)
+                yield manifest.found_from(path, info) if facts else manifest.Found(path, None, None)

@@ -3,9 +3,9 @@
 Healthy means: no path has two rows, all parts share one configuration, and (given a manifest) every
 input of the manifest has a row. A Slurm job that runs after the array can use the exit status.
 Names are compared exactly (`path_bytes` where set, else `path`) by DuckDB, out of core: its hash
-tables over ten million names spill to a temporary folder past `MEMORY_LIMIT` instead of growing,
-so a summary job of a few GB checks any output. Labels and errors are counted by Arrow, as
-dictionaries: as many entries as distinct values, not rows.
+tables over 10^8 names spill to a folder past the memory budget (batch.spill) instead of growing, so
+a summary job of a few GB checks any output. Labels and error kinds are counted by DuckDB too: as many
+entries as distinct values, not rows.
 """
 
 from __future__ import annotations
@@ -13,39 +13,34 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import duckdb
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch import manifest as manifests
-from batch import transient
+from batch import spill, transient
 from batch.commit import RetryFailed, list_parts
+from batch.spill import Budget
 from batch.writer import read_record
 
 SHOWN_PATHS = 5
-MEMORY_LIMIT = "1GB"  # DuckDB's own; the process peaks about 0.5 GB above it
 
 
-def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[str, bool]:
+def summarize(output: str, manifest: str | None = None, top: int = 10, budget: Budget | None = None) -> tuple[str, bool]:
     parts = list_parts(output)
     if not parts:
         return f"{output}: no committed results (part-*.parquet)", False
     files = [part.path for part in parts]
-    table = pq.read_table(files, columns=["label", "error"], read_dictionary=["label", "error"])
     records = [read_record(path) for path in files]
-    lines = [f"{output}: {table.num_rows} rows in {len(parts)} parts from {len({p.buckets for p in parts})} shards"]
-    lines += _errors(table)
-    lines += _labels(table, top)
-    lines += _throughput(records)
-    with connect() as connection:
+    with (budget or Budget.of()).connect() as connection:
+        labels = _counts(connection, files, "label")
+        errors = _counts(connection, files, "split_part(error, ':', 1)")
+        rows = sum(labels.values())
+        labels.pop(None, None)  # the failed rows'
+        lines = [f"{output}: {rows} rows in {len(parts)} parts from {len({p.buckets for p in parts})} shards"]
+        lines += _errors(errors, rows) + _labels(labels, top) + _throughput(records)
         problems = _doubles(connection, files) + _mixed(records)
         if manifest:
             problems += _missing(connection, files, manifest)
@@ -53,32 +48,31 @@ def summarize(output: str, manifest: str | None = None, top: int = 10) -> tuple[
     return "\n".join(lines), not problems
 
 
-def _errors(table: pa.Table) -> list[str]:
-    failed = table.num_rows - table.column("error").null_count
+def _counts(connection: duckdb.DuckDBPyConnection, parts: list[str], value: str) -> dict[str | None, int]:
+    """Rows per distinct VALUE (an SQL expression; nulls under None), out of core."""
+    return dict(connection.execute(f"SELECT {value}, count(*) FROM read_parquet($parts) GROUP BY ALL",
+                                   {"parts": parts}).fetchall())  # fmt: skip
+
+
+def _errors(kinds: dict[str | None, int], rows: int) -> list[str]:
+    kinds.pop(None, 0)
+    failed = sum(kinds.values())
     if not failed:
         return ["errors: none"]
-    kinds: Counter[str] = Counter()
-    for error, count in _counts(table.column("error")).items():
-        kinds[error.split(":", 1)[0]] += count
-    share = 100 * failed / table.num_rows
-    transient_rows = f", {kinds[transient.KIND]} of them transient" if kinds[transient.KIND] else ""
+    share = 100 * failed / rows
+    transient_rows = f", {kinds[transient.KIND]} of them transient" if kinds.get(transient.KIND) else ""
+    ranked = sorted(kinds.items(), key=lambda item: (-item[1], item[0]))
     return [f"errors: {failed} ({share:.2f}%){transient_rows}"] + [
         f"  {count:>9}  {kind}" + (f"  ({transient.REDO})" if kind == transient.KIND else "")
-        for kind, count in kinds.most_common()
+        for kind, count in ranked
     ]
 
 
-def _labels(table: pa.Table, top: int) -> list[str]:
-    counts = _counts(table.column("label"))
+def _labels(counts: dict[str | None, int], top: int) -> list[str]:
     if not counts:
         return []
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
     return ["top labels:"] + [f"  {count:>9}  {label}" for label, count in ranked]
-
-
-def _counts(column: pa.ChunkedArray) -> dict[str, int]:
-    """Rows per distinct value, nulls left out: as many entries as labels or error texts, not rows."""
-    return {item["values"]: item["counts"] for item in pc.value_counts(column.drop_null()).to_pylist()}
 
 
 def _throughput(records: list[dict]) -> list[str]:
@@ -127,18 +121,6 @@ class Throughput:
         return self.rows / self.wall if self.wall > 0 else None
 
 
-@contextmanager
-def connect() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A DuckDB connection that spills past MEMORY_LIMIT into a temporary folder, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="batch-summary-") as spill:
-        connection = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": spill,
-                                            "preserve_insertion_order": False})  # fmt: skip
-        try:
-            yield connection
-        finally:
-            connection.close()
-
-
 def _key(files: list[str]) -> str:
     """The SQL for a row's exact name; a manifest not written by `batch index` may lack `path_bytes`."""
     return "coalesce(path_bytes, encode(path))" if "path_bytes" in pq.read_schema(files[0]).names else "encode(path)"
@@ -149,7 +131,7 @@ def _doubles(connection: duckdb.DuckDBPyConnection, parts: list[str]) -> list[st
         f"""WITH doubled AS (SELECT min(path) AS path FROM read_parquet($parts) GROUP BY {_key(parts)} HAVING count(*) > 1)
             SELECT count(*), min(path, {SHOWN_PATHS}) FROM doubled""",
         {"parts": parts},
-    ).fetchone()
+    ).fetchall()[0]
     return [f"DOUBLED: {count} paths have more than one row, e.g. {', '.join(shown)}"] if count else []
 
 
@@ -164,37 +146,40 @@ def _missing(connection: duckdb.DuckDBPyConnection, parts: list[str], manifest: 
     examples = f"count(*), min(path, {SHOWN_PATHS})"
     expected = pq.read_metadata(manifest).num_rows
     problems = []
-    missing, shown = _without_match(connection, examples, [manifest], parts).fetchone()
+    missing, shown = _without_match(connection, examples, [manifest], parts).fetchall()[0]
     if missing:
         problems.append(f"MISSING: {missing} of {expected} inputs in {os.path.basename(manifest)} have no row, e.g. {', '.join(shown)}")
-    extra, shown = _without_match(connection, examples, parts, [manifest]).fetchone()
+    extra, shown = _without_match(connection, examples, parts, [manifest]).fetchall()[0]
     if extra:
         problems.append(f"EXTRA: {extra} rows are not in the manifest, e.g. {', '.join(shown)}")
     return problems
 
 
 def _without_match(connection: duckdb.DuckDBPyConnection, select: str, left: list[str], right: list[str],
-                   retry: RetryFailed | None = None) -> duckdb.DuckDBPyConnection:  # fmt: skip
+                   retry: RetryFailed | None = None, order: str | None = None) -> duckdb.DuckDBPyRelation:  # fmt: skip
     """`select` over the rows of the `left` files whose exact name no row of the `right` files has (with
-    `retry`, no row but one to redo)."""
+    `retry`, no row but one to redo), ordered by `order` where given."""
     kept = "TRUE"
     if retry:
         kept = "error IS NULL" + (" OR NOT list_contains($kinds, split_part(error, ':', 1))" if retry.kinds else "")
-    return connection.execute(
+    return connection.sql(
         f"""SELECT {select} FROM (SELECT *, {_key(left)} AS exact_name FROM read_parquet($left, file_row_number = true))
-            ANTI JOIN (SELECT {_key(right)} AS exact_name FROM read_parquet($right) WHERE {kept}) USING (exact_name)""",
-        {"left": left, "right": right, **({"kinds": list(retry.kinds)} if retry and retry.kinds else {})},
+            ANTI JOIN (SELECT {_key(right)} AS exact_name FROM read_parquet($right) WHERE {kept}) USING (exact_name)
+            {f"ORDER BY {order}" if order else ""}""",
+        params={"left": left, "right": right, **({"kinds": list(retry.kinds)} if retry and retry.kinds else {})},
     )
 
 
-def pending(manifest: str, output: str, to_do: str, retry: RetryFailed | None = None) -> int:
+def pending(manifest: str, output: str, to_do: str, retry: RetryFailed | None = None,
+            budget: Budget | None = None) -> int:  # fmt: skip
     """Write the rows of a `batch index` manifest that have no row in OUTPUT yet (with `retry`, or a row
-    to redo), as a manifest for the next array; how many. The rows are picked by number and copied, so
-    sizes and mtimes stay exact."""
+    to redo), as a manifest for the next array; how many. The rows are picked by number, streamed in
+    order from DuckDB, and copied, so sizes and mtimes stay exact and memory stays within the BUDGET."""
     manifests.check_laid_out(manifest)
     parts = [part.path for part in list_parts(output)] if os.path.isdir(output) else []
     if not parts:
         return manifests.copy_rows(manifest, None, to_do)
-    with connect() as connection:
-        rows = _without_match(connection, "file_row_number", [manifest], parts, retry).fetchnumpy()["file_row_number"]
-    return manifests.copy_rows(manifest, np.sort(np.asarray(rows, np.int64)), to_do)
+    with (budget or Budget.of()).connect() as connection:
+        numbers = _without_match(connection, "file_row_number", [manifest], parts, retry, order="file_row_number")
+        batches = spill.arrow_reader(numbers, manifests.ROW_GROUP_ROWS)
+        return manifests.copy_rows(manifest, (batch.column(0).to_numpy() for batch in batches), to_do)

@@ -1,6 +1,7 @@
-"""Bookkeeping at ten million inputs: what a task, `batch summary` and `batch pending` cost as trees grow.
+"""Bookkeeping at 10^7 and 10^8 inputs: what a task, `batch summary`, `pending` and `index` cost as trees grow.
 
-Usage: python -m benchmarks.scale [--rows 10000000] [--per-task 10000] [--tree 1000000] [--folder DIR]
+Usage: python -m benchmarks.scale [--rows 10000000] [--per-task 10000] [--tree 1000000] [--list 10000000]
+                                  [--folder DIR]
 
 The manifests are made-up paths (nothing is read from them: each input gets a `not found` row in a
 fraction of a millisecond), so what is timed is the bookkeeping alone. Every command is the real CLI
@@ -8,8 +9,10 @@ in its own process, timed from start to exit, with its peak resident memory (ru_
 - shard 0 of a ROWS-row manifest against shard 0 of a PER-TASK-row manifest, PER-TASK images a task;
 - the same task again over an output that already holds a row for every input (the rerun that does
   nothing), and once more with the rows of its share missing;
-- `batch summary --manifest` and `batch pending` over ROWS rows against the ROWS-row manifest;
-- `batch index` of a real tree of TREE empty files in 1000 folders, with 1 and with 32 threads.
+- `batch summary --manifest`, `batch pending` and `batch report` over ROWS rows against the ROWS-row
+  manifest, each within its default memory budget (1.5 GiB: batch.spill);
+- `batch index` of a real tree of TREE empty files in 1000 folders, with 1 and with 32 threads;
+- `batch index @LIST` of a list of LIST made-up names, as a site makes one with `lfs find`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +33,6 @@ from batch import manifest, models
 from batch.decode import Decoded
 from batch.environment import Shard
 from batch.inference import Predictions
-from batch.paths import BUCKETS
 from batch.pipeline import identity
 from batch.writer import ChunkWriter, RowBuilder
 
@@ -45,8 +47,14 @@ def made_up_paths(count: int, first: int = 0) -> list[str]:
     return [f"/archive/site-{number % 1000:03d}/{number:010d}.jpg" for number in range(first, first + count)]
 
 
-def write_manifest(paths: Sequence[str], target: Path) -> Path:
-    manifest.write(manifest.table_of(manifest.Found(path, 150_000, 0) for path in paths), str(target))
+def every_path(count: int) -> Iterator[str]:
+    """made_up_paths(count), WRITE_ROWS at a time: 10^8 names held at once would take 10 GB."""
+    for first in range(0, count, WRITE_ROWS):
+        yield from made_up_paths(min(WRITE_ROWS, count - first), first)
+
+
+def write_manifest(paths: Iterable[str], target: Path) -> Path:
+    manifest.write((manifest.Found(path, 150_000, 0) for path in paths), str(target))
     return target
 
 
@@ -99,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--per-task", type=int, default=10_000)
     parser.add_argument("--tree", type=int, default=1_000_000, help="files in the tree to index (0: skip)")
+    parser.add_argument("--list", type=int, default=10_000_000, help="names in the list to index (0: skip)")
     parser.add_argument("--folder", help="scratch folder (default: a temporary one, deleted afterwards)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batch-scale-", dir=options.folder) as scratch:
@@ -106,6 +115,8 @@ def main() -> None:
             run(Path(scratch), options.rows, options.per_task)
         if options.tree:
             index_tree(Path(scratch) / "tree", options.tree)
+        if options.list:
+            index_list(Path(scratch), options.list)
 
 
 def index_tree(tree: Path, files: int) -> None:
@@ -120,13 +131,22 @@ def index_tree(tree: Path, files: int) -> None:
         measure(f"batch index --threads {threads}", batch("index", tree, "-o", tree.parent / "tree.parquet", "--threads", threads))
 
 
+def index_list(folder: Path, lines: int) -> None:
+    """Nothing is there, so each name's stat fails at once: what is timed is the index's own work."""
+    listing = folder / "names.txt"
+    with open(listing, "w", encoding="utf-8") as handle:
+        for first in range(0, lines, WRITE_ROWS):
+            handle.writelines(f"{path}\n" for path in made_up_paths(min(WRITE_ROWS, lines - first), first))
+    print(f"indexing a list of {lines} made-up names:")
+    measure("batch index @list", batch("index", f"@{listing}", "-o", folder / "listed.parquet"))
+
+
 def run(folder: Path, rows: int, per_task: int) -> None:
     tasks = max(1, rows // per_task)
     print(f"{rows} inputs, {per_task} a task: an array of {tasks}; {os.cpu_count()} CPUs")
     started = time.perf_counter()
-    everything = made_up_paths(rows)
-    big = write_manifest(everything, folder / "big.parquet")
-    small = write_manifest(everything[:per_task], folder / "small.parquet")
+    big = write_manifest(every_path(rows), folder / "big.parquet")
+    small = write_manifest(every_path(per_task), folder / "small.parquet")
     print(f"  made the manifests in {time.perf_counter() - started:.0f} s ({big.stat().st_size / 1e6:.0f} MB)")
 
     print("one array task, start to exit (fresh output):")
@@ -136,13 +156,8 @@ def run(folder: Path, rows: int, per_task: int) -> None:
     measure(f"shard 0 of {tasks} over {rows} rows", batch("classify", big, "-o", folder / "out-big", *MODEL, *shard))
 
     started = time.perf_counter()
-    table = manifest.read(str(big)).append_column("bucket", pq.read_table(big, columns=["bucket"])["bucket"])
-    starts = [Shard(index, tasks).buckets.start for index in range(tasks)] + [BUCKETS]
-    ends = np.searchsorted(table["bucket"].to_numpy(), starts)  # the manifest is sorted by bucket
     full = folder / "full"
-    for index in range(tasks):  # every input's row, as each task of the array would have written them
-        share = table.slice(ends[index], ends[index + 1] - ends[index])
-        write_results(full, share["path"].to_pylist(), Shard(index, tasks).buckets)
+    write_every_row(big, full, tasks)
     print(f"  wrote {rows} result rows in {time.perf_counter() - started:.0f} s")
     print(f"the same task over an output of {rows} rows:")
     measure("rerun: nothing to do", batch("classify", big, "-o", full, *MODEL, *shard))
@@ -153,6 +168,22 @@ def run(folder: Path, rows: int, per_task: int) -> None:
     print(f"the whole output against the {rows}-row manifest:")
     measure("batch summary --manifest", batch("summary", full, "--manifest", big))
     measure("batch pending", batch("pending", big, full, "-o", folder / "todo.parquet"))
+    measure("batch report", batch("report", full, "-o", folder / "report.html"))
+
+
+def write_every_row(big: Path, output: Path, tasks: int) -> None:
+    """A row for every input of the manifest BIG, as each task of an array of TASKS would have written
+    them, one task's share at a time (the manifest is sorted by bucket, so the tasks come in order)."""
+    starts = np.array([Shard(index, tasks).buckets.start for index in range(tasks)])
+    task, held = 0, []
+    for rows in pq.ParquetFile(big).iter_batches(batch_size=WRITE_ROWS, columns=["path", "bucket"]):
+        paths, owners = rows.column("path").to_pylist(), np.searchsorted(starts, rows.column("bucket").to_numpy(), "right") - 1
+        for path, owner in zip(paths, owners.tolist()):
+            if owner != task:
+                write_results(output, held, Shard(task, tasks).buckets)
+                task, held = owner, []
+            held.append(path)
+    write_results(output, held, Shard(task, tasks).buckets)
 
 
 if __name__ == "__main__":

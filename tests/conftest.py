@@ -227,3 +227,15 @@ def cluster():
     running = slurm.start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system that fills: a tmpfs of 192 KiB (root only: CI and this project's machines)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

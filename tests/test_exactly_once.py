@@ -79,7 +79,7 @@ def many_inputs(tmp_path_factory) -> tuple[Path, list[str]]:
     names = [f"/archive/camera-{number % 97:02d}/{number:08d}.jpg" for number in range(MANY)]
     found = (manifest.Found(name, 1000, 0) for name in names)
     path = tmp_path_factory.mktemp("many") / "inputs.parquet"
-    manifest.write(manifest.table_of(found), str(path))
+    manifest.write(found, str(path))
     return path, names
 
 

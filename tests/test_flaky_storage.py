@@ -141,18 +141,6 @@ def whole_and_failing(output: Path) -> int:
     return sum(found[0]["error"] is not None for found in rows.values())
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system that fills: a tmpfs of 192 KiB (root only: CI and this project's machines)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_output_stops_cleanly_and_a_rerun_after_freeing_space_goes_on(tmp_path, small_disk):
     small_images(tmp_path / "in", 300)
     output = small_disk / "out"

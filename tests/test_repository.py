@@ -143,7 +143,7 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import containers, decode, manifest, paths, pipeline, report, summary, transient, writer
+    from batch import containers, decode, manifest, paths, pipeline, report, spill, transient, writer
 
     cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
@@ -169,7 +169,9 @@ def claims() -> list[tuple[str, object]]:
          (sbatch_default("cpus-per-task"), sbatch_default("mem").rstrip("G"), int(sbatch_default("time").split(":")[0]))),
         ("logging progress every {:g} s", manifest.PROGRESS_SECONDS),
         ("stats files from {} threads", manifest.NETWORK_THREADS),
-        ("spilling to a temporary folder past {}", summary.MEMORY_LIMIT.replace("GB", " GB")),
+        ("else {:g} GiB, a fair share of a login node", spill.DEFAULT_MEMORY / 2**30),
+        ("within it less {:g} GiB (for Python and Arrow)", spill.HEADROOM / 2**30),
+        ("A budget under {:g} GiB", spill.SMALLEST_MEMORY / 2**30),
         ("the top {} labels as bars", report.LABELS_SHOWN),
         ("{} thumbnails of each of the {} most frequent labels", (report.PER_LABEL, report.GRID_LABELS)),
         ("the {} least confident predictions", report.LEAST_CONFIDENT),
