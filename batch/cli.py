@@ -76,10 +76,12 @@ def budget_options(command: Callable) -> Callable:
     def within_budget(*args: Any, memory: int | None, spill_dir: str | None, **kwargs: Any) -> Any:
         from batch.spill import Budget, SpillError
 
+        _setup_logging(False)
         try:
             budget = Budget.of(memory, spill_dir)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
+        logging.getLogger("batch").info("batch %s: %s", command.__name__, budget)  # before any work
         try:
             return command(*args, budget=budget, **kwargs)
         except SpillError as error:
@@ -212,7 +214,6 @@ def index(sources: tuple[str, ...], output: str, threads: int | None, budget: Bu
     The manifest (path, size, mtime, bucket) is laid out so that each array task of
     `batch classify MANIFEST` reads only its own part of it.
     """
-    _setup_logging(False)
     from batch import manifest
     from batch.sources import SourceError, check_sources
     from batch.sources import index as walk
@@ -239,7 +240,6 @@ def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_ki
 
     Prints their number alone on stdout, for scripts (slurm/submit.sh sizes its array with it).
     """
-    _setup_logging(False)
     from batch.summary import pending as write_pending
 
     try:

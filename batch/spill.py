@@ -5,7 +5,6 @@ instead of growing, so a small job answers them for any output."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -17,8 +16,6 @@ import duckdb
 import pyarrow as pa
 
 from batch.environment import JobEnvironment
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 3 * 2**29  # 1.5 GiB outside a Slurm allocation: a fair share of a login node
 SMALLEST_MEMORY = 2**30
@@ -79,7 +76,6 @@ class Budget:
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A DuckDB connection within the budget (results keep the order of an ORDER BY, and only then).
         DuckDB running out of memory and spill space becomes a SpillError saying what to change."""
-        log.info("using %s", self)
         limit = f"{max(self.memory - HEADROOM, 2**26) // 2**20}MiB"
         with self.folder_of_its_own("batch-spill-") as folder:
             connection = duckdb.connect(config={"memory_limit": limit, "temp_directory": folder,

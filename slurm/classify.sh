@@ -125,6 +125,14 @@ container_options() {
     for pair in "${forwarded[@]}" ${visible:+"CUDA_VISIBLE_DEVICES=$visible"}; do options+=(--env "$pair"); done
 }
 
+# index, pending and summary spill past their memory budget into TMPDIR: where the host sets one (Slurm
+# sites point it at node-local scratch), the same folder in the container, not the container's own /tmp.
+if [[ $step != classify && -n ${TMPDIR:-} ]]; then
+    spill=$(realpath "$TMPDIR")
+    is_writable "$spill" || writable+=("$spill")
+    forwarded+=("TMPDIR=$spill")
+fi
+
 case $runtime in
     apptainer) # --nv binds the node's GPUs; CUDA there sees what it sees here: Slurm's numbering holds
         : "${BATCH_SIF:?set BATCH_SIF to the SIF image (batch image sif), or BATCH_RUNTIME=podman|none}"

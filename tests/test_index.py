@@ -65,6 +65,7 @@ def test_a_full_spill_folder_stops_the_index_with_its_name_and_leaves_nothing(tm
     full = run_batch("index", f"@{listing}", "-o", tmp_path / "m.parquet", "--spill-dir", small_disk, check=False)
 
     assert full.returncode == 1, full.stderr
+    assert f"batch index: at most 1.5 GiB of memory (the default), spilling to {small_disk}\n" in full.stderr
     assert f"cannot spill to {small_disk}: " in full.stderr and "No space left on device" in full.stderr
     assert "--spill-dir" in full.stderr and "Traceback" not in full.stderr
     assert not os.path.exists(tmp_path / "m.parquet") and os.listdir(small_disk) == []

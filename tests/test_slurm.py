@@ -242,6 +242,23 @@ def test_podman_gets_the_gpus_slurm_allotted_by_their_node_index(tmp_path, varia
     assert gpu_options(log.read_text()) == (devices, visible)
 
 
+@pytest.mark.parametrize("runtime", ["podman", "apptainer"])
+def test_the_index_spills_into_the_hosts_tmpdir_inside_the_container(tmp_path, runtime):
+    """Not into the container's own /tmp (Podman's layer may sit in a home folder's quota)."""
+    fake_bin, log = fakes(tmp_path / "bin", **{runtime: 'echo "$*" >>"$FAKE_LOG"\n'})
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE_LOG": str(log), "BATCH_RUNTIME": runtime,
+           "BATCH_SIF": "classify.sif", "BATCH_STEP": "index", "TMPDIR": str(scratch)}  # fmt: skip
+    subprocess.run(["bash", CLASSIFY, str(tmp_path), str(tmp_path / "m.parquet")], env=env, check=True, capture_output=True)
+    bind = "--volume" if runtime == "podman" else "--bind"
+    assert f"{bind} {scratch}:{scratch} " in log.read_text() and f"--env TMPDIR={scratch} " in log.read_text()
+    env["BATCH_STEP"] = "classify"  # a task does not spill: its container is as before
+    log.unlink()
+    subprocess.run(["bash", CLASSIFY, str(tmp_path), str(tmp_path / "out")], env=env, check=True, capture_output=True)
+    assert "TMPDIR" not in log.read_text() and str(scratch) not in log.read_text()
+
+
 # A stand-in for batch, for the signal tests: it logs its start and each signal, and exits 75 on one,
 # as batch does (FAKE_CATCH=no: the signal kills it, as before batch installs its handlers); else
 # FAKE_STATUS after FAKE_SECONDS. Its exit ignores signals, so its status is known, and can send the
