@@ -271,9 +271,7 @@ def _write_once_each(ordered: pa.RecordBatchReader, writer: pq.ParquetWriter) ->
         kept = pa.Table.from_batches([batch]).filter(pa.concat_arrays([head, differs]))
         if len(batch):
             last = exact[len(batch) - 1]
-        table = kept.select(SCHEMA.names).set_column(
-            SCHEMA.get_field_index("mtime"), "mtime", kept.column("mtime").cast(SCHEMA.field("mtime").type)
-        ).cast(SCHEMA)  # fmt: skip
+        table = kept.select(SCHEMA.names).cast(SCHEMA)  # mtime: integer nanoseconds to the timestamp
         pending.append(table)
         held += table.num_rows
         while held >= ROW_GROUP_ROWS:

@@ -135,8 +135,7 @@ def index_list(folder: Path, lines: int) -> None:
     """Nothing is there, so each name's stat fails at once: what is timed is the index's own work."""
     listing = folder / "names.txt"
     with open(listing, "w", encoding="utf-8") as handle:
-        for first in range(0, lines, WRITE_ROWS):
-            handle.writelines(f"{path}\n" for path in made_up_paths(min(WRITE_ROWS, lines - first), first))
+        handle.writelines(f"{path}\n" for path in every_path(lines))
     print(f"indexing a list of {lines} made-up names:")
     measure("batch index @list", batch("index", f"@{listing}", "-o", folder / "listed.parquet"))
 
