@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections import defaultdict
 from typing import BinaryIO, Callable, Iterable, Iterator
 from urllib.parse import quote
@@ -27,6 +26,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch import tars
 from batch.manifest import LAYOUT_KEY as MANIFEST_KEY
 from batch.manifest import Found
 from batch.paths import readable
@@ -35,7 +35,6 @@ from batch.transient import DEFAULT_RETRIES, errno_of, is_transient, retried
 TAR_EXTENSION = ".tar"
 PARQUET_EXTENSION = ".parquet"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "bytes")  # img2dataset writes `jpg`
-BLOCK = 512
 WHOLE_READ_BYTES = 16 << 20  # members up to this size are read with one pread; larger ones are streamed
 
 log = logging.getLogger(__name__)
@@ -94,25 +93,19 @@ def list_tar(path: str, is_image: Callable[[str], bool]) -> Iterator[Found]:
     A tar that ends early or breaks midway keeps every member before the break as an input (a member
     whose data the end cuts gets the row `truncated: ...`), and gets one row of its own, `CONTAINER/`,
     saying where it broke: the members after that cannot be found, so that row is what tells of them."""
-    images: list[tarfile.TarInfo] = []
+    images: list[tars.Member] = []
     jsons = _Jsons()
-    broken = None
     try:
-        size = os.path.getsize(path)
-        with tarfile.open(path, "r:") as tar:
-            while (info := tar.next()) is not None:
-                tar.members.clear()  # a tar of a million members must not hold a million headers
-                if not info.isfile() or is_hidden(info.name):
+        with open(path, "rb") as handle:
+            listed, broken = tars.members(handle, os.fstat(handle.fileno()).st_size)
+            for member in listed:
+                if is_hidden(member.name):
                     continue
-                if is_image(info.name):
-                    images.append(info)
-                elif info.name.lower().endswith(".json") and info.size < 1 << 20:
-                    jsons.add(info.name, _url(tar, info))
-            broken = _where_it_broke(tar.fileobj, tar.offset, size)
-    except tarfile.ReadError as error:
-        cut = "unexpected end of data" in str(error)
-        broken = _truncated(size) if cut else f"broken tar: {error}"
-    except (tarfile.TarError, OSError) as error:
+                if is_image(member.name):
+                    images.append(member)
+                elif member.name.lower().endswith(".json") and member.size < 1 << 20:
+                    jsons.add(member.name, _url(handle, member))
+    except OSError as error:
         if is_transient(error):
             raise  # the file system's, not the tar's: sources.py tries again
         broken = f"broken tar: {error}"
@@ -149,28 +142,12 @@ class _Jsons:
         return (key, self.urls[only[0]]) if len(only) == 1 else (key, None)
 
 
-def _url(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str | None:
-    tar.fileobj.seek(info.offset_data)
+def _url(handle: BinaryIO, member: tars.Member) -> str | None:
     try:
-        url = json.loads(tar.fileobj.read(info.size)).get("url")
+        url = json.loads(os.pread(handle.fileno(), member.size, member.offset_data)).get("url")
     except (ValueError, AttributeError):
         return None
     return url if isinstance(url, str) else None
-
-
-def _where_it_broke(handle: BinaryIO, offset: int, size: int) -> str | None:
-    """Why tarfile stopped listing at `offset`, if not at the end: a whole tar ends in zero blocks."""
-    handle.seek(offset)
-    rest = handle.read(BLOCK)
-    if not rest.strip(b"\0"):
-        return None
-    if len(rest) < BLOCK:
-        return _truncated(size)
-    return f"broken tar: no valid header at byte {offset} of {size}; the members after it cannot be read"
-
-
-def _truncated(size: int) -> str:
-    return f"truncated tar: the file ends at byte {size}, before the tar does; members after that are lost"
 
 
 def image_column(schema: pa.Schema) -> str | None:

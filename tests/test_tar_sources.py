@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import manifest, sources
-from batch.containers import BLOCK, WHOLE_READ_BYTES, MemberError, Reader
+from batch.containers import WHOLE_READ_BYTES, MemberError, Reader
+from batch.tars import BLOCK
 from batch.decode import Preprocess, decode
 from batch.environment import Shard
 from benchmarks.packing import Sample, add_member, write_parquet, write_tar
