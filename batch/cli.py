@@ -211,6 +211,8 @@ def _environment():
 def index(sources: tuple[str, ...], output: str, threads: int | None, budget: Budget) -> None:
     """Walk SOURCES once, with many threads on a network file system, and write their inputs to a manifest.
 
+    Tars and Parquet files of images are listed by as many processes as the job has CPUs.
+
     The manifest (path, size, mtime, bucket) is laid out so that each array task of
     `batch classify MANIFEST` reads only its own part of it.
     """
@@ -220,7 +222,7 @@ def index(sources: tuple[str, ...], output: str, threads: int | None, budget: Bu
 
     try:
         check_sources(sources)
-        count = manifest.write(walk(sources, threads), output, budget)
+        count = manifest.write(walk(sources, threads, processes=budget.cpus), output, budget)
     except SourceError as error:
         raise click.UsageError(str(error)) from None
     click.echo(f"indexed {count} images into {output}")

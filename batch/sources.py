@@ -9,12 +9,17 @@ walks the whole tree: index big collections once instead).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
 import os
 import stat
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import pyarrow as pa
 
@@ -22,6 +27,10 @@ from batch import containers, manifest, transient
 from batch.paths import BUCKETS, bucket_of
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+STATS_AHEAD = 64  # a list's names stat-ed ahead of the one being yielded, per thread
+LISTINGS_AHEAD = 2  # containers listed ahead of the one being yielded, per process: each holds its members
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,12 @@ def is_image_name(name: str) -> bool:
 def is_input_name(name: str) -> bool:
     """What a folder walk keeps: images, tars and Parquet files (those of images are read, the others
     skipped by `_expand`), never hidden files (`._x.jpg` from macOS), as WebDataset skips them in tars."""
-    packed = containers.is_tar_name(name) or name.lower().endswith(containers.PARQUET_EXTENSION)
-    return not containers.is_hidden(name) and (is_image_name(name) or packed)
+    return not containers.is_hidden(name) and (is_image_name(name) or is_packed_name(name))
+
+
+def is_packed_name(name: str) -> bool:
+    """A name that may hold images: a tar or a Parquet file."""
+    return containers.is_tar_name(name) or name.lower().endswith(containers.PARQUET_EXTENSION)
 
 
 def check_sources(sources: Iterable[str]) -> None:
@@ -125,61 +138,101 @@ def collect(sources: Iterable[str], buckets: range = range(BUCKETS)) -> list[str
     return gather(sources, buckets).paths
 
 
-def index(sources: Iterable[str], threads: int | None = None) -> Iterator[manifest.Found]:
+def index(sources: Iterable[str], threads: int | None = None, processes: int = 1) -> Iterator[manifest.Found]:
     """Every input of the sources with its size and mtime, as found, for `manifest.write`; manifests are
-    refused."""
+    refused. Tars and Parquet files of images are listed by `processes` processes at once: Python's tar
+    reader is one core's work, about 30,000 headers a second, so 10^8 members would take an hour on one."""
     counter = manifest.Counter("indexing")
-    for source in sources:
-        if is_manifest(source):
-            raise SourceError(f"{source} is a manifest already: index the folders it was made from")
-        for found in _expand(source, threads):
-            counter.tick()
-            yield found
+    with _pool(processes, forked=True) as listers:
+        for source in sources:
+            if is_manifest(source):
+                raise SourceError(f"{source} is a manifest already: index the folders it was made from")
+            for found in _expand(source, threads, listers=listers, ahead=LISTINGS_AHEAD * processes):
+                counter.tick()
+                yield found
+
+
+@contextmanager
+def _pool(workers: int, forked: bool = False) -> Iterator[Executor | None]:
+    """WORKERS threads, or forked processes, to work in; None (work here and now) for one."""
+    if workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=context) if forked else ThreadPoolExecutor(workers) as pool:
+        if forked:  # a fork-context pool forks every process on its first task: now, before any thread exists
+            pool.submit(int).result()
+        yield pool
 
 
 def _expand(source: str, threads: int | None = None, facts: bool = True,
-            whole: set[str] | None = None) -> Iterator[manifest.Found]:  # fmt: skip
+            whole: set[str] | None = None, listers: Executor | None = None, ahead: int = 1) -> Iterator[manifest.Found]:  # fmt: skip
     """The inputs a source names; with `facts`, their size and mtime (which costs a stat each). The images
-    inside tars and Parquet files come with their size and place, which their listing gives for free.
-    The containers listed whole (without a `CONTAINER/` row) are added to `whole`."""
+    inside tars and Parquet files come with their size and place, which their listing gives for free;
+    `listers` list them in parallel, AHEAD at a time, in the order found. The containers listed whole (without a
+    `CONTAINER/` row) are added to `whole`."""
     if source.startswith("@"):
         found: Iterable[manifest.Found] = read_list(source[1:], threads, facts)
     elif os.path.isdir(source):
         found = manifest.walk(source, is_input_name, threads, facts)
     else:
         found = [manifest.describe(os.path.abspath(source), facts)]
+    opened = (_submit(listers, _open, item) if is_packed_name(item.path) else (item, [item]) for item in found)
     inputs, skipped = 0, []
-    for item in found:
-        if containers.is_tar_name(item.path) and os.path.isfile(item.path):
-            listed = _listing(item.path, partial(containers.list_tar, item.path, is_image_name), whole)
-        elif is_parquet_name(item.path):
-            if _kind(item.path) != "images":
-                skipped.append(item.path)
-                continue
-            listed = _listing(item.path, partial(containers.list_image_table, item.path), whole)
-        else:
-            listed = [item]
-        for each in listed:
-            inputs += 1
-            yield each
+    for item, listed in in_order(opened, ahead):
+        if listed is None:
+            skipped.append(item.path)
+            continue
+        if whole is not None and listed != [item] and all(each.path != f"{item.path}/" for each in listed):
+            whole.add(item.path)
+        inputs += len(listed)
+        yield from listed
     _tell(source, inputs, skipped)
 
 
-def _listing(container: str, members: Callable[[], Iterable[manifest.Found]],
-             whole: set[str] | None = None) -> list[manifest.Found]:  # fmt: skip
-    """A container's members, and `container` added to `whole` when they are all there. A listing that
-    fails for a reason outside the file is tried again; one that still fails is one row, `CONTAINER/`,
-    whose error is an `io error`, which --retry-failed redoes."""
+def _open(item: manifest.Found) -> tuple[manifest.Found, list[manifest.Found] | None]:
+    """What a found input holds: a container's members, None for a Parquet file without images (passed
+    over), or else the input itself."""
+    if containers.is_tar_name(item.path) and os.path.isfile(item.path):
+        return item, _listing(item.path, partial(containers.list_tar, item.path, is_image_name))
+    if is_parquet_name(item.path):
+        if _kind(item.path) != "images":
+            return item, None
+        return item, _listing(item.path, partial(containers.list_image_table, item.path))
+    return item, [item]
+
+
+def _listing(container: str, members: Callable[[], Iterable[manifest.Found]]) -> list[manifest.Found]:
+    """A container's members. A listing that fails for a reason outside the file is tried again; one
+    that still fails is one row, `CONTAINER/`, whose error is an `io error`, which --retry-failed redoes."""
     try:
-        listed = transient.retried(lambda: list(members()), transient.DEFAULT_RETRIES, f"cannot list {container}")
+        return transient.retried(lambda: list(members()), transient.DEFAULT_RETRIES, f"cannot list {container}")
     except (OSError, pa.ArrowException) as error:
         if not transient.is_transient(error):
             raise
         failure = transient.describe(error, transient.DEFAULT_RETRIES + 1)
         return [manifest.Found(f"{container}/", None, None, container, None, None, None, failure)]
-    if whole is not None and all(found.path != f"{container}/" for found in listed):
-        whole.add(container)
-    return listed
+
+
+def _submit(pool: Executor | None, work: Callable[..., T], *arguments: object) -> Future[T] | T:
+    """WORK done in POOL, or here and now without one."""
+    return work(*arguments) if pool is None else pool.submit(work, *arguments)
+
+
+def in_order(results: Iterable[Future[T] | T], ahead: int) -> Iterator[T]:
+    """The values of RESULTS in their order, with at most AHEAD of them in flight: taken lazily from a
+    generator that submits work, it keeps AHEAD pieces busy and memory bounded however many there are."""
+    window: deque[Future[T] | T] = deque()
+    for result in results:
+        window.append(result)
+        if len(window) >= ahead:
+            yield _value(window.popleft())
+    while window:
+        yield _value(window.popleft())
+
+
+def _value(result: Future[T] | T) -> T:
+    return result.result() if isinstance(result, Future) else result
 
 
 def _tell(source: str, inputs: int, skipped: list[str]) -> None:
@@ -194,19 +247,34 @@ def _tell(source: str, inputs: int, skipped: list[str]) -> None:
 
 
 def read_list(list_file: str, threads: int | None = None, facts: bool = True) -> Iterator[manifest.Found]:
-    """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list."""
-    base = os.path.dirname(os.path.abspath(list_file))
-    with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:
-        for line in handle:
-            entry = line.rstrip("\r\n")
-            if not entry.strip() or entry.lstrip().startswith("#"):
-                continue
-            path = os.path.abspath(os.path.join(base, entry))
-            try:  # one stat tells a folder and gives a file's facts: on Lustre each is a server's answer
-                info: os.stat_result | None = os.stat(path)
-            except OSError:
-                info = None
+    """One path per line; blank lines and '#' comments are skipped; relative paths are relative to the list.
+    Each name costs one stat, which tells a folder and gives a file's facts; on a network file system
+    (`manifest.threads_for` the first name's folder) `threads` of them at once, in the list's order."""
+    names = _names_in(list_file)
+    first = next(names, None)
+    if first is None:
+        return
+    threads = threads or manifest.threads_for(os.path.dirname(first))
+    with _pool(threads) as pool:
+        stated = (_submit(pool, _stat, name) for name in itertools.chain([first], names))
+        for path, info in in_order(stated, STATS_AHEAD * threads):
             if info is not None and stat.S_ISDIR(info.st_mode):
                 yield from manifest.walk(path, is_input_name, threads, facts)
             else:
                 yield manifest.found_from(path, info) if facts else manifest.Found(path, None, None)
+
+
+def _names_in(list_file: str) -> Iterator[str]:
+    base = os.path.dirname(os.path.abspath(list_file))
+    with open(list_file, encoding="utf-8", errors="surrogateescape") as handle:
+        for line in handle:
+            entry = line.rstrip("\r\n")
+            if entry.strip() and not entry.lstrip().startswith("#"):
+                yield os.path.abspath(os.path.join(base, entry))
+
+
+def _stat(path: str) -> tuple[str, os.stat_result | None]:
+    try:
+        return path, os.stat(path)
+    except OSError:
+        return path, None

@@ -1,7 +1,7 @@
 """Bookkeeping at 10^7 and 10^8 inputs: what a task, `batch summary`, `pending` and `index` cost as trees grow.
 
 Usage: python -m benchmarks.scale [--rows 10000000] [--per-task 10000] [--tree 1000000] [--list 10000000]
-                                  [--folder DIR]
+                                  [--tars 0] [--folder DIR]
 
 The manifests are made-up paths (nothing is read from them: each input gets a `not found` row in a
 fraction of a millisecond), so what is timed is the bookkeeping alone. Every command is the real CLI
@@ -12,13 +12,17 @@ in its own process, timed from start to exit, with its peak resident memory (ru_
 - `batch summary --manifest`, `batch pending` and `batch report` over ROWS rows against the ROWS-row
   manifest, each within its default memory budget (1.5 GiB: batch.spill);
 - `batch index` of a real tree of TREE empty files in 1000 folders, with 1 and with 32 threads;
-- `batch index @LIST` of a list of LIST made-up names, as a site makes one with `lfs find`.
+- `batch index @LIST` of a list of LIST made-up names, as a site makes one with `lfs find`;
+- `batch index` of a folder of TARS WebDataset shards of MEMBERS images each (and their `.json`), listed by
+  one process and by one per CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import tarfile
 import subprocess
 import sys
 import tempfile
@@ -85,11 +89,12 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 sys.exit(status)"""  # a small parent, so the peak is the command's own and not a copy of ours
 
 
-def measure(name: str, command: list[str]) -> tuple[float, float]:
+def measure(name: str, command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Seconds and peak MB (the largest process of its tree) of one whole command; summary may exit 1."""
     with tempfile.NamedTemporaryFile("r") as log:
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", PEAK, log.name, *command], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-c", PEAK, log.name, *command], capture_output=True, text=True,
+                                env={**os.environ, **(env or {})})  # fmt: skip
         seconds = time.perf_counter() - started
         if result.returncode not in (0, 1):
             raise SystemExit(f"{name} failed:\n{log.read()[-3000:]}")
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=10_000)
     parser.add_argument("--tree", type=int, default=1_000_000, help="files in the tree to index (0: skip)")
     parser.add_argument("--list", type=int, default=10_000_000, help="names in the list to index (0: skip)")
+    parser.add_argument("--tars", type=int, default=0, help="tars of MEMBERS images to index (0: skip)")
+    parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--folder", help="scratch folder (default: a temporary one, deleted afterwards)")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batch-scale-", dir=options.folder) as scratch:
@@ -117,6 +124,8 @@ def main() -> None:
             index_tree(Path(scratch) / "tree", options.tree)
         if options.list:
             index_list(Path(scratch), options.list)
+        if options.tars:
+            index_tars(Path(scratch) / "tars", options.tars, options.members)
 
 
 def index_tree(tree: Path, files: int) -> None:
@@ -138,6 +147,23 @@ def index_list(folder: Path, lines: int) -> None:
         handle.writelines(f"{path}\n" for path in every_path(lines))
     print(f"indexing a list of {lines} made-up names:")
     measure("batch index @list", batch("index", f"@{listing}", "-o", folder / "listed.parquet"))
+
+
+def index_tars(folder: Path, tars: int, members: int) -> None:
+    """Shards as WebDataset writes them: a small image and its `.json` a sample, 2 KB of tar in all."""
+    started = time.perf_counter()
+    folder.mkdir()
+    for shard in range(tars):
+        with tarfile.open(folder / f"shard-{shard:06d}.tar", "w") as tar:
+            for number in range(shard * members, (shard + 1) * members):
+                for name, data in ((f"{number:010d}.jpg", b"\xff\xd8\xff"), (f"{number:010d}.json", b'{"url": null}')):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(data))
+    print(f"indexing {tars} tars of {members} images (made in {time.perf_counter() - started:.0f} s), page cache warm:")
+    for cpus in sorted({1, os.cpu_count() or 1}):
+        measure(f"batch index, listed by {cpus} processes", batch("index", folder, "-o", folder.parent / "tars.parquet"),
+                env={"SLURM_CPUS_PER_TASK": str(cpus)})  # fmt: skip
 
 
 def run(folder: Path, rows: int, per_task: int) -> None:

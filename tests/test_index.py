@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch import manifest
+from batch import manifest, sources
 from batch.environment import Shard
 from batch.paths import BUCKETS, bucket_of, from_columns
 from batch.sources import gather
+from benchmarks.packing import Sample, write_parquet, write_tar
 from tests.conftest import run_batch
 
 
@@ -85,3 +86,41 @@ def test_copy_rows_takes_row_numbers_in_arrays_of_any_length(tmp_path, monkeypat
     assert pq.read_table(tmp_path / "some.parquet").equals(whole.take(chosen))
     assert manifest.copy_rows(str(tmp_path / "m.parquet"), iter([]), str(tmp_path / "none.parquet")) == 0
     assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
+
+
+def a_collection(root) -> None:
+    """Tars, a cut one, a page named .tar, Parquet files with images and without, plain files."""
+    for number in range(7):
+        samples = [Sample(f"{number}-{member:04d}", b"\xff\xd8 not decoded here", f"https://x/{member}") for member in range(50)]
+        write_tar(root / f"shard-{number}.tar", samples)
+        (root / f"plain-{number}.jpg").write_bytes(b"\xff\xd8")
+    (root / "cut.tar").write_bytes((root / "shard-0.tar").read_bytes()[:3000])
+    (root / "page.tar").write_text("<html>404</html>")
+    write_parquet(root / "images.parquet", [Sample(f"{row:03d}", b"\xff\xd8") for row in range(30)])
+    manifest.write([manifest.Found("/elsewhere/x.jpg", 1, 1)], str(root / "a-manifest.parquet"))
+
+
+def test_containers_listed_by_several_processes_give_the_same_inputs_in_the_same_order(tmp_path):
+    a_collection(tmp_path)
+    alone = list(sources.index([str(tmp_path)], threads=1))
+    assert len(alone) == 7 * 50 + 7 + 1 + 1 + 1 + 30  # members, plain files, cut.tar's members and row, page.tar's row
+    assert list(sources.index([str(tmp_path)], threads=1, processes=3)) == alone
+
+
+def test_a_list_stat_ed_by_many_threads_keeps_its_order(tmp_path):
+    a_collection(tmp_path / "c")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    names = [*sorted(os.listdir(tmp_path / "c")), "../missing.jpg", "../dangling.jpg"] * 3
+    (tmp_path / "c" / "list.txt").write_text("\n".join(["# made by hand", *names, ""]))
+    alone = list(sources.read_list(str(tmp_path / "c" / "list.txt"), threads=1))
+    assert [item.path for item in alone[-2:]] == [str(tmp_path / "missing.jpg"), str(tmp_path / "dangling.jpg")]
+    assert alone[-2].mtime_ns is None and alone[-1].mtime_ns is not None  # the symlink's own time
+    assert list(sources.read_list(str(tmp_path / "c" / "list.txt"), threads=8)) == alone
+
+
+def test_batch_index_lists_with_the_jobs_cpus_and_writes_the_same_manifest(tmp_path):
+    a_collection(tmp_path / "c")
+    for cpus in ("1", "3"):
+        result = run_batch("index", tmp_path / "c", "-o", tmp_path / f"{cpus}.parquet", env={"SLURM_CPUS_PER_TASK": cpus})
+        assert "indexed 390 images" in result.stdout
+    assert pq.read_table(tmp_path / "3.parquet").equals(pq.read_table(tmp_path / "1.parquet"))
