@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Index a folder, size an array job from the images that have no result yet, submit it, and submit a
-# summary job that runs after it whatever happened and fails loudly if any task failed or any image
-# is missing or doubled. Run it again when the tree has grown: only the new images are classified.
-# With --retry-failed among the options, the images whose rows failed are redone too.
+# Index a folder in a job of its own and wait for it, size an array job from the images that have no
+# result yet, submit it, and submit a summary job that runs after it whatever happened and fails loudly
+# if any task failed or any image is missing or doubled. Run it again when the tree has grown: only the
+# new images are classified. With --retry-failed among the options, the images whose rows failed are
+# redone too.
 #
 #   slurm/submit.sh /data/images /scratch/preds [batch classify options]
 #
@@ -11,6 +12,12 @@
 #                  run tells your images/s. Capped so the array fits the cluster's MaxArraySize.
 # MAX_RUNNING      array tasks running at once (default 16)
 # SBATCH_OPTIONS   more sbatch options for the array, e.g. "--partition=gpu --cpus-per-task=16"
+# CPU_SBATCH_OPTIONS  more sbatch options for the index and summary jobs, which need no GPU,
+#                  e.g. "--partition=cpu --account=myproject"
+# INDEX_CPUS       CPUs of the index job (default 8): it lists tars and Parquet files of images one per CPU
+# INDEX_TIME       time limit of the index job (default 04:00:00). It walks the tree, one stat a file
+#                  (32 at once on a network file system): 10^8 names took 16 minutes on a local disk
+#                  (docs/benchmarks.md), and 4 hours allow 7,000 stats a second for them.
 # MANIFEST         where the index goes (default: OUTPUT-manifest.parquet, beside OUTPUT); the
 #                  images still to do go beside it, in MANIFEST-todo.parquet
 # The runtime variables of slurm/classify.sh (BATCH_RUNTIME, BATCH_SIF, BATCH_IMAGE...) apply here too.
@@ -30,12 +37,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 manifest=${MANIFEST:-$output-manifest.parquet}
 per_task=${IMAGES_PER_TASK:-50000}
 max_running=${MAX_RUNNING:-16}
-for number in "$per_task" "$max_running"; do
-    [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "IMAGES_PER_TASK and MAX_RUNNING must be positive integers" >&2 && exit 2; }
+index_cpus=${INDEX_CPUS:-8}
+for number in "$per_task" "$max_running" "$index_cpus"; do
+    [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "IMAGES_PER_TASK, MAX_RUNNING and INDEX_CPUS must be positive integers" >&2 && exit 2; }
 done
-
-# Index once, on this node, through the same runtime the tasks use; then write what has no row yet.
-BATCH_STEP=index "$here/classify.sh" "$input" "$manifest"
+read -r -a cpu_options <<<"${CPU_SBATCH_OPTIONS:-}"
+# What the index, pending and summary steps hold does not grow with the tree: at 10^8 names each peaked
+# under 1.5 GiB, within the budget batch gives them (docs/benchmarks.md); 2G is that budget and more.
+readonly BOOKKEEPING_MEMORY=2G
 to_do=${manifest%.parquet}-todo.parquet
 # --retry-failed (and --retry-kind) among the classify options: the failed rows are to do as well.
 retry=()
@@ -45,8 +54,25 @@ for ((i = 1; i <= $#; i++)); do
         --retry-kind) ((i < $#)) && next=$((i + 1)) && retry+=("${!i}" "${!next}") ;;
     esac
 done
-count=$(BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" ${retry[@]+"${retry[@]}"})
-[[ $count =~ ^[0-9]+$ ]] || { echo "batch pending printed '$count', not a count" >&2 && exit 1; }
+
+# Index once, through the same runtime the tasks use, then write what has no row yet: one job on a node
+# of its own (not this login node), which this script waits for. Both steps print what they counted.
+facts=${to_do%.parquet}.counts
+steps="$(printf '%q ' env BATCH_STEP=index "$here/classify.sh" "$input" "$manifest") && "
+steps+="$(printf '%q ' env BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" ${retry[@]+"${retry[@]}"})"
+echo "indexing $input in a job of $index_cpus CPUs, $BOOKKEEPING_MEMORY and ${INDEX_TIME:-04:00:00} at most; waiting for it" >&2
+if ! index_job=$(sbatch --parsable --wait --job-name=classify-index --output=%x-%j.out --gres=none \
+    --cpus-per-task="$index_cpus" --mem=$BOOKKEEPING_MEMORY --time="${INDEX_TIME:-04:00:00}" --no-requeue \
+    ${cpu_options[@]+"${cpu_options[@]}"} --wrap="{ $steps; } > $(printf '%q' "$facts")"); then
+    echo "the index job ${index_job%%;*} failed: see $PWD/classify-index-${index_job%%;*}.out" >&2
+    rm -f "$facts"
+    exit 1
+fi
+indexed=$(awk '$1 == "indexed" {print $2}' "$facts")
+count=$(tail -n 1 "$facts")
+rm -f "$facts"
+[[ $indexed =~ ^[0-9]+$ && $count =~ ^[0-9]+$ ]] || { echo "the index job did not print its counts" >&2 && exit 1; }
+echo "indexed $indexed images into $manifest" >&2
 if ((count == 0)); then
     echo "nothing to classify: every image in $manifest has a row in $output"
     exit 0
@@ -66,9 +92,12 @@ read -r -a options <<<"${SBATCH_OPTIONS:-}"
 array=$(BATCH_BIND=$(realpath "$input") sbatch --parsable --array="0-$((tasks - 1))%$max_running" "${options[@]}" \
     "$here/classify.sh" "$to_do" "$output" "$@")
 array=${array%%;*}
+# The summary reads every row: 128 s for 10^8 on 2 cores (docs/benchmarks.md); ten times that, and an hour at least.
+summary_minutes=$((indexed * 128 / 10 / 1000000 / 60 + 1))
+((summary_minutes < 60)) && summary_minutes=60
 summary=$(BATCH_STEP=summary BATCH_ARRAY_JOB=$array sbatch --parsable --dependency="afterany:$array" \
-    --job-name=classify-summary --output=%x-%j.out --gres=none --cpus-per-task=1 --mem=4G --time=01:00:00 \
-    --no-requeue "$here/classify.sh" "$output" "$manifest")
+    --job-name=classify-summary --output=%x-%j.out --gres=none --cpus-per-task=2 --mem=$BOOKKEEPING_MEMORY \
+    --time=$summary_minutes --no-requeue ${cpu_options[@]+"${cpu_options[@]}"} "$here/classify.sh" "$output" "$manifest")
 summary=${summary%%;*}
 
 cat <<EOF

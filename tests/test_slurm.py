@@ -111,7 +111,8 @@ def test_a_requeued_task_and_a_warned_task_still_end_with_every_input_once(clust
 
 def submit(cluster, tmp_path: Path, *options: str, per_task: int = 5) -> tuple[str, str, str]:
     """slurm/submit.sh as a user runs it; its output, and the array and summary job ids ("" if none)."""
-    env = job_env(cluster, IMAGES_PER_TASK=str(per_task), SBATCH_OPTIONS=" ".join(SMALL_TASKS))
+    env = job_env(cluster, IMAGES_PER_TASK=str(per_task), SBATCH_OPTIONS=" ".join(SMALL_TASKS), INDEX_CPUS="2",
+                  CPU_SBATCH_OPTIONS="--partition=debug --time-min=00:10:00")  # fmt: skip
     said = cluster(SUBMIT, str(tmp_path / "in"), str(tmp_path / "out"), *ON_THE_CPU, *options, cwd=tmp_path, env=env)
     jobs = [re.search(rf"{kind} job:\s+(\d+)", said.stdout) for kind in ("array", "summary")]
     return said.stdout + said.stderr, *(job[1] if job else "" for job in jobs)
@@ -120,6 +121,10 @@ def submit(cluster, tmp_path: Path, *options: str, per_task: int = 5) -> tuple[s
 def test_submit_sizes_the_array_within_max_array_size_and_reruns_only_what_is_new(cluster, tmp_path):
     inputs = small_images(tmp_path / "in" / "old", 25)
     said, array, summary = submit(cluster, tmp_path)  # 5 tasks of 5, but the test cluster's MaxArraySize is 4
+    assert "indexing " in said and "in a job of 2 CPUs, 2G and 04:00:00 at most" in said
+    assert "indexed 25 images into" in said
+    [index_log] = tmp_path.glob("classify-index-*.out")  # the index ran as a job of its own, with its allocation
+    assert "batch index: at most 2.0 GiB of memory (the Slurm allocation)" in index_log.read_text()
     assert "5 tasks of 5 would pass MaxArraySize=4: using 4 larger tasks" in said
     assert "25 images to classify in 4 array tasks of about 7" in said
     states = cluster.wait_until_done([*(f"{array}_{task}" for task in range(4)), summary])
@@ -137,6 +142,16 @@ def test_submit_sizes_the_array_within_max_array_size_and_reruns_only_what_is_ne
 
     said, array, summary = submit(cluster, tmp_path)
     assert "nothing to classify: every image in" in said and not array and not summary
+
+
+def test_submit_stops_when_the_index_job_fails_and_names_its_log(cluster, tmp_path):
+    env = job_env(cluster, INDEX_CPUS="1")
+    said = cluster(SUBMIT, f"@{tmp_path / 'missing.txt'}", str(tmp_path / "out"), *ON_THE_CPU, cwd=tmp_path, env=env,
+                   check=False)  # fmt: skip
+    job = re.search(r"the index job (\d+) failed: see (\S+)", said.stderr)
+    assert said.returncode == 1 and job, said.stderr
+    assert "list file does not exist" in Path(job[2]).read_text()
+    assert not list(tmp_path.glob("out*")), "nothing submitted, nothing written"
 
 
 def test_submit_with_retry_failed_redoes_the_failed_images_in_place(cluster, tmp_path):
