@@ -60,10 +60,17 @@ done
 facts=${to_do%.parquet}.counts
 steps="$(printf '%q ' env BATCH_STEP=index "$here/classify.sh" "$input" "$manifest") && "
 steps+="$(printf '%q ' env BATCH_STEP=pending "$here/classify.sh" "$manifest" "$output" "$to_do" ${retry[@]+"${retry[@]}"})"
-echo "indexing $input in a job of $index_cpus CPUs, $BOOKKEEPING_MEMORY and ${INDEX_TIME:-04:00:00} at most; waiting for it" >&2
-if ! index_job=$(sbatch --parsable --wait --job-name=classify-index --output=%x-%j.out --gres=none \
-    --cpus-per-task="$index_cpus" --mem=$BOOKKEEPING_MEMORY --time="${INDEX_TIME:-04:00:00}" --no-requeue \
-    ${cpu_options[@]+"${cpu_options[@]}"} --wrap="{ $steps; } > $(printf '%q' "$facts")"); then
+index_time=${INDEX_TIME:-04:00:00}
+index_options=(--job-name=classify-index --output=%x-%j.out --gres=none --cpus-per-task="$index_cpus"
+    --mem="$BOOKKEEPING_MEMORY" --time="$index_time" --no-requeue ${cpu_options[@]+"${cpu_options[@]}"})
+# A job that no node can hold is accepted and pends for ever (reason PartitionConfig): ask Slurm first.
+if ! refusal=$(sbatch --test-only "${index_options[@]}" --wrap=true 2>&1); then
+    echo "the index job ($index_cpus CPUs, $BOOKKEEPING_MEMORY, $index_time) cannot run on this cluster: $refusal" >&2
+    echo "set INDEX_CPUS, INDEX_TIME or CPU_SBATCH_OPTIONS (--partition=...) to what its nodes allow" >&2
+    exit 2
+fi
+echo "indexing $input in a job of $index_cpus CPUs, $BOOKKEEPING_MEMORY and $index_time at most; waiting for it" >&2
+if ! index_job=$(sbatch --parsable --wait "${index_options[@]}" --wrap="{ $steps; } > $(printf '%q' "$facts")"); then
     echo "the index job ${index_job%%;*} failed: see $PWD/classify-index-${index_job%%;*}.out" >&2
     rm -f "$facts"
     exit 1

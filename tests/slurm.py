@@ -54,8 +54,10 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.state / "slurm.conf")}
 
-    def __call__(self, *command: str, check: bool = True, **options) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(command), capture_output=True, text=True, env=options.pop("env", self.env), **options)
+    def __call__(self, *command: str, check: bool = True, timeout: float = 900, **options) -> subprocess.CompletedProcess:
+        """COMMAND's output; a command that hangs (sbatch --wait on a job that never starts) fails the test."""
+        result = subprocess.run(list(command), capture_output=True, text=True, env=options.pop("env", self.env),
+                                timeout=timeout, **options)  # fmt: skip
         if check and result.returncode:
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result

@@ -17,7 +17,8 @@ from tests.conftest import REPOSITORY, build_context, read_rows, run_batch
 from tests.images import small_images
 from tests.test_container import data_folder
 from batch.environment import Shard
-from tests.test_slurm import ON_THE_CPU, SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array, wait_for_part
+from tests.test_slurm import (CPU_JOBS, ON_THE_CPU, SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array,
+                              wait_for_part)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_submit_and_a_requeue_with_the_default_runtime(cluster, apptainer, sif, 
     (folder / "out").mkdir()
     podman.give(folder)
     env = {**apptainer.env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "BATCH_SIF": str(sif),
-           "IMAGES_PER_TASK": "150", "SBATCH_OPTIONS": " ".join(SMALL_TASKS)}  # fmt: skip
+           "IMAGES_PER_TASK": "150", "SBATCH_OPTIONS": " ".join(SMALL_TASKS), **CPU_JOBS}  # fmt: skip
     slow = ["--batch-size", "2", "--commit-every", "0", "--workers", "1"]
     said = cluster(SUBMIT, str(folder / "in"), str(folder / "out"), *ON_THE_CPU, *slow, cwd=folder, env=env).stdout
     array, summary = (re.search(rf"{kind} job:\s+(\d+)", said)[1] for kind in ("array", "summary"))

@@ -109,10 +109,13 @@ def test_a_requeued_task_and_a_warned_task_still_end_with_every_input_once(clust
         assert len(runs) == 2 and runs[0] == "0" and int(runs[1]) > 0, runs  # the second run resumed
 
 
+# The index and summary jobs of submit.sh, sized for the test cluster's one node of this machine's CPUs.
+CPU_JOBS = {"INDEX_CPUS": "2", "CPU_SBATCH_OPTIONS": "--partition=debug --time-min=00:10:00"}
+
+
 def submit(cluster, tmp_path: Path, *options: str, per_task: int = 5) -> tuple[str, str, str]:
     """slurm/submit.sh as a user runs it; its output, and the array and summary job ids ("" if none)."""
-    env = job_env(cluster, IMAGES_PER_TASK=str(per_task), SBATCH_OPTIONS=" ".join(SMALL_TASKS), INDEX_CPUS="2",
-                  CPU_SBATCH_OPTIONS="--partition=debug --time-min=00:10:00")  # fmt: skip
+    env = job_env(cluster, IMAGES_PER_TASK=str(per_task), SBATCH_OPTIONS=" ".join(SMALL_TASKS), **CPU_JOBS)
     said = cluster(SUBMIT, str(tmp_path / "in"), str(tmp_path / "out"), *ON_THE_CPU, *options, cwd=tmp_path, env=env)
     jobs = [re.search(rf"{kind} job:\s+(\d+)", said.stdout) for kind in ("array", "summary")]
     return said.stdout + said.stderr, *(job[1] if job else "" for job in jobs)
@@ -152,6 +155,16 @@ def test_submit_stops_when_the_index_job_fails_and_names_its_log(cluster, tmp_pa
     assert said.returncode == 1 and job, said.stderr
     assert "list file does not exist" in Path(job[2]).read_text()
     assert not list(tmp_path.glob("out*")), "nothing submitted, nothing written"
+
+
+def test_submit_refuses_an_index_job_no_node_can_hold_instead_of_waiting_for_ever(cluster, tmp_path):
+    small_images(tmp_path / "in", 2)
+    env = job_env(cluster, INDEX_CPUS=str(os.cpu_count() + 1))
+    said = cluster(SUBMIT, str(tmp_path / "in"), str(tmp_path / "out"), cwd=tmp_path, env=env, check=False, timeout=60)
+    assert said.returncode == 2, said.stderr
+    assert f"the index job ({os.cpu_count() + 1} CPUs, 2G, 04:00:00) cannot run on this cluster" in said.stderr
+    assert "Requested node configuration is not available" in said.stderr and "set INDEX_CPUS" in said.stderr
+    assert not cluster("squeue", "--noheader").stdout.strip(), "no job left pending"
 
 
 def test_submit_with_retry_failed_redoes_the_failed_images_in_place(cluster, tmp_path):
