@@ -35,7 +35,7 @@ from batch.paths import BUCKETS, bucket_of
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 65_536
-SPILL_ROWS = 1_000_000  # inputs held as Python objects at once while indexing: about 0.3 GB
+SPILL_ROWS = 500_000  # inputs held as Python objects at once while indexing: 0.15 GB of names, 0.3 GB of tar members
 LAYOUT_KEY = b"batch.manifest"
 LAYOUT = {"version": 2, "buckets": BUCKETS, "sorted_by": ["bucket", "path"]}
 SCHEMA = pa.schema(

@@ -20,6 +20,9 @@ from batch.environment import JobEnvironment
 DEFAULT_MEMORY = 3 * 2**29  # 1.5 GiB outside a Slurm allocation: a fair share of a login node
 SMALLEST_MEMORY = 2**30
 HEADROOM = 3 * 2**28  # what Python, Arrow and DuckDB hold beyond its limit: up to 0.57 GiB measured (summary, 10^8 rows)
+# and for each CPU past the first: its DuckDB thread's buffers and, while indexing, a tar listing in flight
+# (measured: an index of 10^6 tar members held 326 MiB more with 8 CPUs than with one, a list's 141 MiB)
+HEADROOM_PER_CPU = 3 * 2**24
 
 
 class SpillError(RuntimeError):
@@ -72,11 +75,16 @@ class Budget:
         return SpillError(f"cannot spill to {self.folder}: {error.strerror or error} (choose a folder with more "
                           "space with --spill-dir)")  # fmt: skip
 
+    @property
+    def duckdb_memory(self) -> int:
+        """DuckDB's memory limit: the budget less what Python, Arrow and the CPUs past the first hold."""
+        return max(self.memory - HEADROOM - HEADROOM_PER_CPU * (self.cpus - 1), 2**26)
+
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A DuckDB connection within the budget (results keep the order of an ORDER BY, and only then).
         DuckDB running out of memory and spill space becomes a SpillError saying what to change."""
-        limit = f"{max(self.memory - HEADROOM, 2**26) // 2**20}MiB"
+        limit = f"{self.duckdb_memory // 2**20}MiB"
         with self.folder_of_its_own("batch-spill-") as folder:
             connection = duckdb.connect(config={"memory_limit": limit, "temp_directory": folder,
                                                 "preserve_insertion_order": False, "threads": self.cpus})  # fmt: skip

@@ -171,6 +171,7 @@ def claims() -> list[tuple[str, object]]:
         ("stats files from {} threads", manifest.NETWORK_THREADS),
         ("else {:g} GiB, a fair share of a login node", spill.DEFAULT_MEMORY / 2**30),
         ("within it less {:g} GiB (for Python and Arrow)", spill.HEADROOM / 2**30),
+        ("and {} MiB for each CPU past", spill.HEADROOM_PER_CPU >> 20),
         ("A budget under {:g} GiB", spill.SMALLEST_MEMORY / 2**30),
         ("the top {} labels as bars", report.LABELS_SHOWN),
         ("{} thumbnails of each of the {} most frequent labels", (report.PER_LABEL, report.GRID_LABELS)),

@@ -55,3 +55,12 @@ def test_duckdb_out_of_memory_and_spill_space_says_what_to_change(small_disk):
     with pytest.raises(SpillError, match=f"spilling to {small_disk} is not enough; give more memory with --memory"):
         with budget.connect() as connection:
             connection.sql("SELECT count(*) FROM (SELECT * FROM range(20000000) ORDER BY random())").fetchall()
+
+
+def test_duckdb_is_left_the_budget_less_what_python_and_each_more_cpu_hold(tmp_path):
+    """A 2 GiB job: 1.25 GiB for DuckDB on one CPU, 48 MiB less for each CPU past it (its thread, a listing)."""
+    assert Budget(2**31, str(tmp_path), cpus=1).duckdb_memory == 1280 * 2**20
+    eight = Budget(2**31, str(tmp_path), cpus=8)
+    assert eight.duckdb_memory == (1280 - 7 * 48) * 2**20
+    with eight.connect() as connection:
+        assert connection.sql("SELECT current_setting('memory_limit')").fetchall() == [("944.0 MiB",)]
