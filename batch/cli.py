@@ -109,19 +109,22 @@ def main() -> None:
     """Classify folders of images with a pretrained model into a Parquet dataset."""
     import os
 
-    from batch.environment import let_openmp_sleep, redirect_unwritable_caches
+    from batch.environment import let_openmp_sleep, redirect_unwritable_caches, stay_offline
 
     redirect_unwritable_caches(os.environ)
     let_openmp_sleep(os.environ)
+    stay_offline(os.environ)
 
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output directory (a Parquet dataset).")
 @click.option("--model", default="efficientnet_lite0", show_default=True,
-              help="efficientnet_lite0, a torchvision model name, or a TorchScript / torch.export file.")
+              help="efficientnet_lite0, a torchvision model name, a TorchScript / torch.export file, "
+                   "timm:ARCH (with --weights FILE), or a timm model folder.")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help="A torchvision weights name (DEFAULT, IMAGENET1K_V2...), a state-dict file, or 'none' (untrained).")
+              help="A torchvision weights name (DEFAULT, IMAGENET1K_V2...), a state-dict or checkpoint file "
+                   "(FILE#ema: its EMA weights), or 'none' (untrained).")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Class names, one per line.")
 @click.option("--resize", type=click.IntRange(1), help="Override: resize the shorter side to this.")
 @click.option("--crop", type=click.IntRange(1), help="Override: centre crop size.")

@@ -205,3 +205,11 @@ def let_openmp_sleep(env: MutableMapping[str, str]) -> None:
     It must be set before torch loads OpenMP; a value the user set is kept.
     """
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def stay_offline(env: MutableMapping[str, str]) -> None:
+    """Hugging Face's libraries never reach for the network: a compute node has none, and a model that
+    would fetch a file must fail naming it, not hang on a timeout or take what the hub serves today."""
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"

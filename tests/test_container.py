@@ -56,7 +56,8 @@ def test_apptainer_def_is_in_sync_and_starts_from_the_pinned_base():
 
 
 CONSTRAINTS = REPOSITORY / "batch" / "constraints.txt"
-PINNED_INSTALL = "/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt /opt/batch/src"
+IMAGE_EXTRAS = "timm"  # every model family
+PINNED_INSTALL = f'/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt "/opt/batch/src[{IMAGE_EXTRAS}]"'
 
 
 def pins() -> dict[str, str]:
@@ -70,7 +71,7 @@ def requirement_closure() -> dict[str, list[Requirement]]:
     from the metadata of what is installed here (batch itself included, extras followed)."""
     reached: dict[str, list[Requirement]] = {}
     followed = set()
-    pending = [Requirement("batch-classify")]
+    pending = [Requirement(f"batch-classify[{IMAGE_EXTRAS}]")]
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
