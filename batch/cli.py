@@ -132,6 +132,8 @@ def main() -> None:
 @click.option("--mean", type=Triple(), help="Override: per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406.")
 @click.option("--std", type=Triple(), help="Override: per-channel std on the 0-1 scale.")
 @click.option("--topk", default=5, show_default=True, type=int, help="Classes kept per image.")
+@click.option("--activation", default="softmax", show_default=True, type=click.Choice(["softmax", "sigmoid"]),
+              help="Scores from logits: sigmoid for multi-label models (taggers), each class on its own.")
 @click.option("--batch-size", type=int, help="Images per model call  [default: 256 on a GPU, 32 on CPU]")
 @click.option("--workers", type=int, help="Decoding processes  [default: SLURM_CPUS_PER_TASK, else usable CPUs]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -155,7 +157,8 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
              resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
-             std: tuple[float, float, float] | None, topk: int, batch_size: int | None, workers: int | None,
+             std: tuple[float, float, float] | None, topk: int, activation: str, batch_size: int | None,
+             workers: int | None,
              device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
              overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
              decode_timeout: float, io_retries: int, retry_failed: bool, retry_kinds: tuple[str, ...],
@@ -183,7 +186,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
         options = ClassifyOptions(
             sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
             overrides=PreprocessOverrides(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std),
-            topk=topk, batch_size=batch_size, workers=workers, device=device, precision=precision,
+            topk=topk, activation=activation, batch_size=batch_size, workers=workers, device=device, precision=precision,
             shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
             overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
             decode_timeout=decode_timeout, io_retries=io_retries,

@@ -48,6 +48,7 @@ from batch.weights import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = BUNDLED_MODEL  # the default needs no network
+ACTIVATIONS = ("softmax", "sigmoid")
 MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".ts", ".jit")
 EXTRA_FILE = "batch.json"
 
@@ -91,6 +92,7 @@ class ModelSpec:
     preprocess: Preprocess
     builder: Callable[["ModelSpec", torch.device], torch.nn.Module] = field(repr=False, compare=False)  # in eval mode
     supports_embeddings: bool = True
+    activation: str = "softmax"  # sigmoid: a multi-label model scores each class on its own
     options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # a family's own, for its builder
 
     @property
@@ -109,7 +111,7 @@ class ModelSpec:
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.describe(),
             "labels_sha256": hashlib.sha256("\n".join(self.labels).encode()).hexdigest(),
-        }
+        } | ({"activation": self.activation} if self.activation != "softmax" else {})  # earlier results' identity stays
 
     def load(self, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
         """The network, on the CPU to be moved whole; a model file on `device` already, since only its

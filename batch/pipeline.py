@@ -18,7 +18,7 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ class ClassifyOptions:
     weights: str = DEFAULT_WEIGHTS
     labels_file: str | None = None
     overrides: models.PreprocessOverrides = models.PreprocessOverrides()
+    activation: str = "softmax"
     topk: int = 5
     batch_size: int | None = None
     workers: int | None = None
@@ -117,8 +118,11 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
         raise ValueError("--retry-failed redoes the failed rows, --overwrite every row: choose one")
     if options.max_error_rate is not None and not 0 <= options.max_error_rate <= 1:
         raise ValueError(f"--max-error-rate is a fraction between 0 and 1, not {options.max_error_rate}")
+    if options.activation not in models.ACTIVATIONS:
+        raise ValueError(f"--activation is one of {', '.join(models.ACTIVATIONS)}, not {options.activation!r}")
     sources.check_sources(options.sources)
-    spec = models.resolve(options.model, options.weights, options.labels_file, options.overrides)
+    spec = replace(models.resolve(options.model, options.weights, options.labels_file, options.overrides),
+                   activation=options.activation)  # fmt: skip
     if options.embeddings and not spec.supports_embeddings:
         raise ValueError(f"--embeddings is not available for {spec.name}: a model file hides its layers")
     shard = options.shard or env.shard() or Shard(0, 1)

@@ -196,3 +196,17 @@ def test_unknown_architectures_and_missing_checkpoints_are_usage_errors(tmp_path
     assert unknown.returncode == 2 and "timm has no architecture 'resnet5O'" in unknown.stderr
     missing = offline("classify", images.PHOTOS, "-o", tmp_path / "out", "--model", "timm:resnet50", check=False)
     assert missing.returncode == 2 and "needs its checkpoint: --weights FILE" in missing.stderr
+
+
+def test_sigmoid_scores_each_class_on_its_own_and_is_part_of_the_identity(vit, pictures, tmp_path):
+    folder, network = vit
+    transform = create_transform(**resolve_data_config(model=network))
+    with torch.no_grad():
+        logits = network(torch.stack([transform(Image.open(path).convert("RGB")) for path in pictures]))
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder, "--activation", "sigmoid")
+    rows = by_name(read_rows(tmp_path / "out"))
+    for path, expected in zip(pictures, logits.sigmoid().sort(descending=True).values.numpy()):
+        assert np.allclose(rows[path.name]["topk_scores"], expected[:4], atol=1e-5)
+    assert sum(rows[pictures[0].name]["topk_scores"]) != pytest.approx(1)
+    again = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder, check=False)
+    assert again.returncode != 0 and "activation" in again.stderr

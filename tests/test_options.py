@@ -28,6 +28,7 @@ CLASSIFY = [  # arguments beyond the base, and what they change
     (["--mean", "0.1,0.2,0.3"], {"overrides": PreprocessOverrides(mean=(0.1, 0.2, 0.3))}),
     (["--std", "0.4,0.5,0.6"], {"overrides": PreprocessOverrides(std=(0.4, 0.5, 0.6))}),
     (["--topk", "7"], {"topk": 7}),
+    (["--activation", "sigmoid"], {"activation": "sigmoid"}),
     (["--batch-size", "17"], {"batch_size": 17}),
     (["--workers", "3"], {"workers": 3}),
     (["--device", "cuda:5"], {"device": "cuda:5"}),
