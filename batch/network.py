@@ -94,8 +94,12 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
             conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
         )
         traced.set_submodule(convolution.target, conv)  # the copy: the network as built keeps its own
-        node.replace_all_uses_with(convolution)
-        traced.graph.erase_node(node)
+        after = _after_normalising(norm)
+        if after is None:
+            node.replace_all_uses_with(convolution)
+            traced.graph.erase_node(node)
+        else:
+            traced.set_submodule(node.target, after)  # the node now applies only what follows normalising
         folded += 1
     if not folded:
         return network
@@ -104,6 +108,15 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
     traced.delete_all_unused_submodules()
     log.debug("folded %d batch norms of %s", folded, type(network).__name__)
     return traced
+
+
+def _after_normalising(norm: nn.Module) -> nn.Module | None:
+    """What a batch norm layer does after normalising, if anything: timm's BatchNormAct2d, in most of its
+    convolutional networks, drops out (nothing, in eval mode) and activates. The sample check confirms it."""
+    activation = getattr(norm, "act", None)
+    if not isinstance(activation, nn.Module):
+        return None
+    return nn.Sequential(getattr(norm, "drop", nn.Identity()), activation)
 
 
 class Float32(nn.Module):

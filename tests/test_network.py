@@ -50,6 +50,19 @@ def test_the_default_models_batch_norms_are_folded_though_its_convolutions_are_a
         torch.testing.assert_close(prepared(pictures), built(pictures), rtol=1e-4, atol=1e-4)
 
 
+def test_timms_batch_norms_that_also_activate_are_folded_and_still_activate():
+    """timm's BatchNormAct2d normalises, then activates: folded, the activation stays where the norm was."""
+    import timm
+
+    built = randomised_statistics(timm.create_model("mobilenetv3_small_050"))
+    assert batch_norms(built) == 34
+    prepared = network.prepare(built, 224)
+    assert batch_norms(prepared) == 0
+    pictures = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(pictures), built(pictures), rtol=1e-4, atol=1e-4)
+
+
 class BiasIgnored(nn.Conv2d):
     """A convolution whose forward never adds `self.bias`: folding a batch norm into it would be wrong."""
 
