@@ -122,7 +122,8 @@ class _Query:
 
 def _overview(output: str, rows: int, errors: int, labels: int, records: list[dict]) -> str:
     shards = {tuple(record.get("provenance", {}).get("shard", {}).get("buckets", ())) for record in records}
-    models = Counter(record.get("identity", {}).get("model") for record in records)
+    identities = [record.get("identity", {}) for record in records]
+    models = Counter(f"{identity.get('model')} ({identity.get('weights')})" for identity in identities)  # name, source
     return (f"<p class=overview>{_text(output)}: <b>{rows:,}</b> rows in {len(records):,} parts from {len(shards):,} shards; "
             f"<b>{errors:,}</b> errors ({_share(errors, rows)}); {labels:,} distinct labels; "
             f"model {', '.join(_text(name) for name in models)}.</p>")  # fmt: skip

@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -194,6 +195,33 @@ def test_classifies_under_apptainer_run_conditions(podman, image, photos):
     doctor = podman("run", *conditions, image, "doctor")
     assert "XDG_CACHE_HOME: /tmp/batch-cache-4242/xdg_cache_home writable" in doctor.stdout
     assert "container: batch image " + batch.__version__ in doctor.stdout
+
+
+def timm_folder(podman, photos: Path, scratch: Path) -> Path:
+    """data_folder with a timm model folder beside the images, and the rows `batch` writes with it here."""
+    from tests.test_model_timm import crops, save_tiny_vit
+
+    folder = data_folder(podman, photos)
+    save_tiny_vit(folder / "model", crops(scratch / "crops"))
+    run_batch("classify", folder / "images", "-o", scratch / "host", "--model", folder / "model")
+    return podman.give(folder)
+
+
+def same_rows(got: Path, expected: Path) -> None:
+    by_name = {Path(row["path"]).name: row for row in read_rows(expected)}
+    for row in read_rows(got):
+        want = by_name.pop(Path(row["path"]).name)
+        assert row["topk_labels"] == want["topk_labels"] and row["topk_scores"] == pytest.approx(want["topk_scores"], abs=1e-5)
+    assert not by_name
+
+
+def test_a_timm_folder_mounted_read_only_classifies_as_it_does_outside(podman, image, photos, tmp_path):
+    folder = timm_folder(podman, photos, tmp_path)
+    os.chmod(folder / "out", 0o777)
+    podman("run", "--rm", "--read-only", "--user", "4242:4242", "--network", "none",
+           "--volume", f"{folder / 'images'}:/data:ro", "--volume", f"{folder / 'model'}:/model:ro",
+           "--volume", f"{folder / 'out'}:/out", image, "classify", "/data", "-o", "/out/timm", "--model", "/model")  # fmt: skip
+    same_rows(folder / "out" / "timm", tmp_path / "host")
 
 
 def readme_podman_lines() -> list[str]:

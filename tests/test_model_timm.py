@@ -79,17 +79,21 @@ def pictures(tmp_path_factory) -> list[Path]:
     return crops(tmp_path_factory.mktemp("timm") / "at-size")
 
 
-@pytest.fixture(scope="module")
-def vit(pictures, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+def save_tiny_vit(folder: Path, pictures: list[Path]) -> torch.nn.Module:
     """test_vit with four classes, saved by save_for_hf with its label names; crop_pct 1 so that pictures
     of the input size reach the network untouched."""
     torch.manual_seed(0)
     network = timm.create_model("test_vit", num_classes=len(LABELS))
     network.pretrained_cfg = {**network.pretrained_cfg, "crop_pct": 1.0}
     network = with_distinct_labels(network, pictures)
-    folder = tmp_path_factory.mktemp("timm") / "vit"
     save_for_hf(network, folder, model_config={"label_names": LABELS}, safe_serialization=True)
-    return folder, network
+    return network
+
+
+@pytest.fixture(scope="module")
+def vit(pictures, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    folder = tmp_path_factory.mktemp("timm") / "vit"
+    return folder, save_tiny_vit(folder, pictures)
 
 
 def by_name(rows: list[dict]) -> dict[str, dict]:
@@ -107,6 +111,8 @@ def test_a_saved_folder_classifies_offline_as_timm_does(vit, pictures, tmp_path)
         row = rows[path.name]
         assert row["label"] == LABELS[top1] and row["topk_labels"][0] == LABELS[top1]
         assert np.allclose(row["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
+    offline("report", tmp_path / "out", "-o", tmp_path / "report.html")
+    assert f"model timm:test_vit ({folder})." in (tmp_path / "report.html").read_text()  # its name and source
 
 
 def test_other_sizes_modes_and_a_broken_file_agree_with_timms_preprocessing(vit, pictures, tmp_path):
