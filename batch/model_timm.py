@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from batch.models import ModelError, ModelSpec, PreprocessOverrides, imagenet_categories, require_extra
+from batch.models import ModelError, ModelSpec, PreprocessOverrides, imagenet_categories, labels_of_length, require_extra
 from batch.weights import WeightsError, local_file
 
 PREFIX = "timm:"
@@ -52,7 +52,7 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
         head = state.get(f"{config.get('classifier')}.weight")  # the checkpoint's own head says how many classes
         classes = len(head) if head is not None else arguments.get("num_classes")
         model_args: dict[str, Any] = {}
-        source = f"{weights_file}{EMA_SUFFIX if ema else ''}"
+        source = f"{os.path.basename(weights_file)}{EMA_SUFFIX if ema else ''}"
     else:
         from timm.models._hub import load_model_config_from_path  # timm's own reading of its config.json
 
@@ -63,8 +63,10 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
                              if os.path.isfile(os.path.join(model, name))), None)  # fmt: skip
         if weights_file is None:
             raise ModelError(f"the timm folder {model} holds no weights: {' or '.join(WEIGHTS_FILES)}")
-        source = os.path.abspath(model)
+        source = os.path.basename(os.path.abspath(model))
     labels = _labels(labels, config, classes, model)
+    # The source is named, not placed: a job that copies the model to node-local scratch resumes the
+    # same results, since the weights' hash, labels and preprocessing are what the identity compares.
     return ModelSpec(
         name=f"{PREFIX}{architecture}",
         weights=source,
@@ -79,9 +81,7 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
 def _labels(given: list[str] | None, config: dict[str, Any], classes: int | None, model: str) -> list[str]:
     """--labels, else the model's own label names, else ImageNet's for a 1000-class head."""
     if given is not None:
-        if classes and len(given) != classes:
-            raise ModelError(f"--labels names {len(given)} classes, but {model} has {classes}")
-        return given
+        return labels_of_length(given, classes, model) if classes else given
     names = config.get("label_names")
     if isinstance(names, dict):  # id -> name, where the ids have gaps
         names = [names.get(str(index), names.get(index, f"class_{index}")) for index in range(classes or len(names))]

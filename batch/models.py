@@ -198,6 +198,13 @@ def require_extra(extra: str, module: str) -> ModuleType:
         raise ModelError(f"{extra} models need the {extra} extra: pip install 'batch-classify[{extra}]'") from None
 
 
+def labels_of_length(given: list[str] | None, classes: int, model: str) -> list[str] | None:
+    """--labels, checked against a head whose size is known before any image is read."""
+    if given is not None and len(given) != classes:
+        raise ModelError(f"--labels names {len(given)} classes, but {model} has {classes}")
+    return given
+
+
 def read_labels(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -223,6 +230,7 @@ def _resolve_default(weights: str, labels: list[str] | None, overrides: Preproce
     if weights == DEFAULT_WEIGHTS:
         weights_file = bundled_file()
         label = os.path.basename(weights_file).rsplit(".", 1)[0]
+        labels = labels_of_length(labels, len(imagenet_categories()), f"{DEFAULT_MODEL} {DEFAULT_WEIGHTS}")
     elif weights.lower() == UNTRAINED:
         weights_file, label = None, UNTRAINED
     else:
@@ -257,6 +265,7 @@ def _resolve_torchvision(
         enum, weights_file, label = choices.DEFAULT, None, UNTRAINED
     elif chosen is not None:
         enum, weights_file, label = chosen, require_staged(model, chosen), full_name(chosen)
+        labels = labels_of_length(labels, len(enum.meta["categories"]), f"{model} {label}")
     elif os.path.exists(weights) or os.sep in weights or weights.endswith((".pth", ".pt")):
         enum, weights_file, label = choices.DEFAULT, local_file(weights), weights
     else:

@@ -336,6 +336,13 @@ def test_a_state_dict_file_with_its_own_labels(photos, tmp_path):
     assert wrong.returncode == 1 and "do not fit resnet18 with 1000 classes" in wrong.stderr
 
 
+def test_labels_of_another_length_than_the_weights_head_are_refused_before_any_image_is_read(photos, tmp_path):
+    (tmp_path / "labels.txt").write_text("cat\ncup\nrocket\n")
+    refused = run_batch("classify", photos, "-o", tmp_path / "out", "--labels", tmp_path / "labels.txt", check=False)
+    assert refused.returncode == 2 and "--labels names 3 classes, but efficientnet_lite0 DEFAULT has 1000" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
 class TinyNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

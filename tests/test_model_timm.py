@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,11 @@ def test_a_saved_folder_classifies_offline_as_timm_does(vit, pictures, tmp_path)
         assert row["label"] == LABELS[top1] and row["topk_labels"][0] == LABELS[top1]
         assert np.allclose(row["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
     offline("report", tmp_path / "out", "-o", tmp_path / "report.html")
-    assert f"model timm:test_vit ({folder})." in (tmp_path / "report.html").read_text()  # its name and source
+    assert "model timm:test_vit (vit)." in (tmp_path / "report.html").read_text()  # its name and source
+    moved = tmp_path / "scratch" / "vit"
+    shutil.copytree(folder, moved)  # as a job copies the model to node-local scratch: the same results go on
+    resumed = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", moved)
+    assert "12 already done, 0 to classify" in resumed.stderr
 
 
 def test_other_sizes_modes_and_a_broken_file_agree_with_timms_preprocessing(vit, pictures, tmp_path):
