@@ -221,3 +221,10 @@ def test_sigmoid_scores_each_class_on_its_own_and_is_part_of_the_identity(vit, p
     assert sum(rows[pictures[0].name]["topk_scores"]) != pytest.approx(1)
     again = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder, check=False)
     assert again.returncode != 0 and "activation" in again.stderr
+
+
+def test_timm_is_imported_only_for_a_timm_model():
+    """`import timm` costs every start about half a second: the other models never pay it."""
+    code = ("import sys; from batch import models, pipeline; models.resolve(); models.resolve('resnet18', 'none'); "
+            "assert 'timm' not in sys.modules, 'timm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
