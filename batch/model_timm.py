@@ -63,6 +63,7 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
                              if os.path.isfile(os.path.join(model, name))), None)  # fmt: skip
         if weights_file is None:
             raise ModelError(f"the timm folder {model} holds no weights: {' or '.join(WEIGHTS_FILES)}")
+        weights_file = local_file(weights_file)  # readable by this user, or a clear error now
         source = os.path.basename(os.path.abspath(model))
     labels = _labels(labels, config, classes, model)
     # The source is named, not placed: a job that copies the model to node-local scratch resumes the

@@ -203,6 +203,8 @@ def timm_folder(podman, photos: Path, scratch: Path) -> Path:
 
     folder = data_folder(podman, photos)
     save_tiny_vit(folder / "model", crops(scratch / "crops"))
+    for saved in (folder / "model").iterdir():
+        saved.chmod(0o644)  # safetensors writes 0600: the container's other user must read it
     run_batch("classify", folder / "images", "-o", scratch / "host", "--model", folder / "model")
     return podman.give(folder)
 

@@ -184,6 +184,16 @@ def test_a_head_of_another_size_is_an_error_naming_the_keys(vit, pictures, tmp_p
     assert not (tmp_path / "out").exists() or not read_rows(tmp_path / "out")
 
 
+def test_weights_this_user_cannot_read_are_a_usage_error_naming_the_file(vit, pictures, tmp_path):
+    folder, _ = vit
+    shutil.copytree(folder, tmp_path / "vit")
+    (tmp_path / "vit" / "model.safetensors").chmod(0o600)
+    os.chown(tmp_path / "vit" / "model.safetensors", 4242, 4242)  # another user's: root too is refused (setpriv)
+    refused = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", tmp_path / "vit", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert f"weights file cannot be read: {tmp_path / 'vit' / 'model.safetensors'}" in refused.stderr
+
+
 def test_a_hub_cache_folder_is_read_through_its_snapshot_symlinks(vit, pictures, tmp_path):
     folder, network = vit
     cache = tmp_path / "models--timm--test_vit.tiny"
