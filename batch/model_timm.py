@@ -73,7 +73,7 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
         weights=source,
         weights_file=os.path.abspath(weights_file),
         labels=labels,
-        preprocess=overrides.apply(_preprocessing(arguments, config, model)),
+        preprocess=overrides.apply(_preprocessing(arguments, config, model, overrides)),
         builder=_build,
         options={"architecture": architecture, "model_args": model_args, "ema": source.endswith(EMA_SUFFIX)},
     )
@@ -86,23 +86,28 @@ def _labels(given: list[str] | None, config: dict[str, Any], classes: int | None
     names = config.get("label_names")
     if isinstance(names, dict):  # id -> name, where the ids have gaps
         names = [names.get(str(index), names.get(index, f"class_{index}")) for index in range(classes or len(names))]
-    if names:
-        return list(names)
+    if names:  # described where the model says how (ImageNet's synset ids), as timm's inference.py shows them
+        descriptions = config.get("label_descriptions") or {}
+        return [str(descriptions.get(name, name)) for name in names]
     if classes == 1000:
         return imagenet_categories()
     outputs = f"{classes} outputs" if classes else "its head not found in the weights"
     raise ModelError(f"{model} names no classes ({outputs}): pass --labels FILE, one name per line")
 
 
-def _preprocessing(arguments: dict[str, Any], config: dict[str, Any], model: str) -> dict[str, Any]:
-    """timm's own data config, as our resize-shorter-side-then-centre-crop."""
+def _preprocessing(arguments: dict[str, Any], config: dict[str, Any], model: str,
+                   overrides: PreprocessOverrides) -> dict[str, Any]:  # fmt: skip
+    """timm's own data config, as our resize-shorter-side-then-centre-crop; one we cannot do is refused
+    unless --resize and --crop choose the centre crop to use instead."""
     from timm.data import resolve_data_config
 
     data = resolve_data_config(args=arguments, pretrained_cfg=config)
     _, height, width = data["input_size"]
-    if height != width:
-        raise ModelError(f"{model} takes {width}x{height} inputs: only square ones are supported")
-    if data["crop_mode"] != "center":
+    chosen = overrides.resize is not None and overrides.crop is not None
+    if height != width and not chosen:
+        raise ModelError(f"{model} takes {width}x{height} inputs: only square ones are supported; "
+                         "pass --resize and --crop to choose a square centre crop")  # fmt: skip
+    if data["crop_mode"] != "center" and not chosen:
         raise ModelError(f"{model} preprocesses with crop_mode {data['crop_mode']!r}: only 'center' is supported; "
                          "pass --resize and --crop to choose a centre crop instead")  # fmt: skip
     interpolation = data["interpolation"] if data["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"

@@ -238,3 +238,24 @@ def test_timm_is_imported_only_for_a_timm_model():
     code = ("import sys; from batch import models, pipeline; models.resolve(); models.resolve('resnet18', 'none'); "
             "assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_crop_mode_we_cannot_do_is_refused_unless_a_centre_crop_is_chosen(pictures, tmp_path):
+    torch.manual_seed(2)
+    network = timm.create_model("test_vit", num_classes=len(LABELS))
+    network.pretrained_cfg = {**network.pretrained_cfg, "crop_mode": "squash"}
+    save_for_hf(network, tmp_path / "squash", model_config={"label_names": LABELS})
+    refused = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", tmp_path / "squash", check=False)
+    assert refused.returncode == 2 and "crop_mode 'squash': only 'center' is supported" in refused.stderr
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", tmp_path / "squash",
+            "--resize", str(SIDE), "--crop", str(SIDE))  # fmt: skip
+    assert len(read_rows(tmp_path / "out")) == len(pictures)
+
+
+def test_label_descriptions_name_the_classes_where_the_model_has_them(pictures, tmp_path):
+    """As timm's ImageNet models: synset ids as label_names, what they are in label_descriptions."""
+    network = timm.create_model("test_vit", num_classes=2)
+    save_for_hf(network, tmp_path / "described", model_config={
+        "label_names": ["n02123045", "n07920052"], "label_descriptions": {"n02123045": "tabby, tabby cat"}})
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", tmp_path / "described", "--topk", "2")
+    assert sorted(read_rows(tmp_path / "out")[0]["topk_labels"]) == ["n07920052", "tabby, tabby cat"]
