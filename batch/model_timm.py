@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from batch.decode import INTERPOLATIONS
 from batch.models import ModelError, ModelSpec, PreprocessOverrides, imagenet_categories, labels_of_length, require_extra
 from batch.weights import WeightsError, local_file
 
@@ -110,7 +111,7 @@ def _preprocessing(arguments: dict[str, Any], config: dict[str, Any], model: str
     if data["crop_mode"] != "center" and not chosen:
         raise ModelError(f"{model} preprocesses with crop_mode {data['crop_mode']!r}: only 'center' is supported; "
                          "pass --resize and --crop to choose a centre crop instead")  # fmt: skip
-    interpolation = data["interpolation"] if data["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"
+    interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bicubic"
     return {
         "resize": math.floor(height / data["crop_pct"]),  # timm's transforms_factory does the same
         "crop": height,

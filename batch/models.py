@@ -16,9 +16,9 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import logging
-import importlib
 import os
 import zipfile
 from dataclasses import dataclass, field
