@@ -50,6 +50,11 @@ class Preprocess:
         if not 0 < self.crop <= self.resize:
             raise ValueError(f"the crop ({self.crop}) must be positive and no larger than the resize ({self.resize})")
 
+    def cut(self, image: Image.Image, full_size: tuple[int, int], reduction: float) -> np.ndarray:
+        """The crop of an upright RGB picture decoded at 1/`reduction` of its `full_size`. A model family
+        whose own library preprocesses (model_hf.py) overrides this, and `describe`."""
+        return np.asarray(_resize_and_crop(image, self, full_size, reduction))
+
     def describe(self) -> dict:
         return {
             "resize_shorter_side": self.resize,
@@ -226,7 +231,7 @@ def _preprocess(image: Image.Image, preprocess: Preprocess) -> tuple[np.ndarray,
     upright = header_size[::-1] if image.size != loaded_size else header_size  # only a swap changes the size
     rgb = to_rgb(image)
     full_size = upright if reduction != 1.0 else rgb.size  # a format may load other than its header says
-    return np.asarray(_resize_and_crop(rgb, preprocess, full_size, reduction)), upright
+    return preprocess.cut(rgb, full_size, reduction), upright
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

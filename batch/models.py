@@ -7,7 +7,8 @@ builds the network afterwards. The kinds of model:
 - any torchvision classification model, weights from the torch cache (TORCH_HOME) or a local file;
 - a TorchScript or torch.export file of the user's own, class names and preprocessing stored with it
   (extra file `batch.json`) or given as options;
-- a model family of its own module, an optional extra of the package: timm (`model_timm.py`).
+- a model family of its own module, an optional extra of the package: timm (`model_timm.py`), Hugging
+  Face transformers folders (`model_hf.py`).
 Where weights files are, and how they are staged, hashed and loaded, is `weights.py`'s.
 """
 
@@ -167,14 +168,17 @@ def resolve(
 
 def _resolve_folder(folder: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides) -> ModelSpec:
     """A model folder: the family is told by the files in it."""
-    from batch import model_timm
+    from batch import model_hf, model_timm
 
     if weights != DEFAULT_WEIGHTS:
         raise ModelError(f"the model folder {folder} holds its own weights: drop --weights {weights}")
     if model_timm.is_timm_folder(folder):
         return model_timm.resolve(folder, weights, labels, overrides)
+    if model_hf.is_hf_folder(folder):
+        return model_hf.resolve(folder, labels, overrides)
     raise ModelError(f"{folder} is not a model folder batch knows: a timm folder has config.json with "
-                     "'architecture' (save_for_hf, or a Hugging Face cache snapshot of a timm/ model)")  # fmt: skip
+                     "'architecture' (save_for_hf, or a Hugging Face cache snapshot of a timm/ model), a "
+                     "transformers folder has config.json with 'architectures' (save_pretrained)")  # fmt: skip
 
 
 def hub_snapshot(folder: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 import batch
 from tests.conftest import REPOSITORY, build_context, read_rows, run_batch
 from tests.images import small_images
-from tests.test_container import data_folder, same_rows, timm_folder
+from tests.test_container import data_folder, model_folder, same_rows
 from batch.environment import Shard
 from tests.test_slurm import (CPU_JOBS, ON_THE_CPU, SMALL_TASKS, SUBMIT, assert_every_input_once, run_container_array,
                               wait_for_part)
@@ -108,13 +108,14 @@ def test_runs_read_only_as_another_user_contained_without_network(apptainer, sif
     assert written.returncode != 0 and "Read-only file system" in written.stderr
 
 
-def test_a_timm_folder_bound_read_only_classifies_as_it_does_outside(apptainer, sif, podman, photos, tmp_path):
-    folder = timm_folder(podman, photos, tmp_path)
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_a_model_folder_bound_read_only_classifies_as_it_does_outside(apptainer, sif, podman, photos, tmp_path, family):
+    folder = model_folder(podman, photos, tmp_path, family)
     os.chmod(folder / "out", 0o777)
     binds = f"{folder / 'images'}:/data:ro,{folder / 'model'}:/model:ro,{folder / 'out'}:/out"
     apptainer("exec", "--cleanenv", "--containall", "--net", "--network", "none", "--bind", binds, str(sif),
-              "batch", "classify", "/data", "-o", "/out/timm", "--model", "/model", user="nobody")  # fmt: skip
-    same_rows(folder / "out" / "timm", tmp_path / "host")
+              "batch", "classify", "/data", "-o", "/out/preds", "--model", "/model", user="nobody")  # fmt: skip
+    same_rows(folder / "out" / "preds", tmp_path / "host")
 
 
 def test_a_sif_built_from_the_def_holds_and_does_what_the_converted_one_does(apptainer, sif, def_sif, podman, photos):

@@ -57,7 +57,7 @@ def test_apptainer_def_is_in_sync_and_starts_from_the_pinned_base():
 
 
 CONSTRAINTS = REPOSITORY / "batch" / "constraints.txt"
-IMAGE_EXTRAS = "timm"  # every model family
+IMAGE_EXTRAS = "timm,hf"  # every model family
 PINNED_INSTALL = f'/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt "/opt/batch/src[{IMAGE_EXTRAS}]"'
 
 
@@ -197,12 +197,16 @@ def test_classifies_under_apptainer_run_conditions(podman, image, photos):
     assert "container: batch image " + batch.__version__ in doctor.stdout
 
 
-def timm_folder(podman, photos: Path, scratch: Path) -> Path:
-    """data_folder with a timm model folder beside the images, and the rows `batch` writes with it here."""
+def model_folder(podman, photos: Path, scratch: Path, family: str) -> Path:
+    """data_folder with a tiny model folder of `family` (timm: save_for_hf; hf: save_pretrained) beside the
+    images, and the rows `batch` writes with it here in scratch/host."""
     from tests.test_model_timm import crops, save_tiny_vit
 
+    save = save_tiny_vit
+    if family == "hf":
+        from tests.test_model_hf import save_vit as save
     folder = data_folder(podman, photos)
-    save_tiny_vit(folder / "model", crops(scratch / "crops"))
+    save(folder / "model", crops(scratch / "crops"))
     for saved in (folder / "model").iterdir():
         saved.chmod(0o644)  # safetensors writes 0600: the container's other user must read it
     run_batch("classify", folder / "images", "-o", scratch / "host", "--model", folder / "model")
@@ -217,13 +221,14 @@ def same_rows(got: Path, expected: Path) -> None:
     assert not by_name
 
 
-def test_a_timm_folder_mounted_read_only_classifies_as_it_does_outside(podman, image, photos, tmp_path):
-    folder = timm_folder(podman, photos, tmp_path)
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_a_model_folder_mounted_read_only_classifies_as_it_does_outside(podman, image, photos, tmp_path, family):
+    folder = model_folder(podman, photos, tmp_path, family)
     os.chmod(folder / "out", 0o777)
     podman("run", "--rm", "--read-only", "--user", "4242:4242", "--network", "none",
            "--volume", f"{folder / 'images'}:/data:ro", "--volume", f"{folder / 'model'}:/model:ro",
-           "--volume", f"{folder / 'out'}:/out", image, "classify", "/data", "-o", "/out/timm", "--model", "/model")  # fmt: skip
-    same_rows(folder / "out" / "timm", tmp_path / "host")
+           "--volume", f"{folder / 'out'}:/out", image, "classify", "/data", "-o", "/out/preds", "--model", "/model")  # fmt: skip
+    same_rows(folder / "out" / "preds", tmp_path / "host")
 
 
 def readme_podman_lines() -> list[str]:

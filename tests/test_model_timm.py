@@ -194,18 +194,23 @@ def test_weights_this_user_cannot_read_are_a_usage_error_naming_the_file(vit, pi
     assert f"weights file cannot be read: {tmp_path / 'vit' / 'model.safetensors'}" in refused.stderr
 
 
-def test_a_hub_cache_folder_is_read_through_its_snapshot_symlinks(vit, pictures, tmp_path):
-    folder, network = vit
-    cache = tmp_path / "models--timm--test_vit.tiny"
+def as_hub_cache(saved: Path, cache: Path) -> Path:
+    """The hub cache's layout of a saved folder: refs/main names a snapshot of symlinks into blobs/."""
     (cache / "blobs").mkdir(parents=True)
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text("0123abcd")
     snapshot = cache / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        blob = cache / "blobs" / f"blob-{name}"
-        blob.write_bytes((folder / name).read_bytes())
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    for file in saved.iterdir():
+        blob = cache / "blobs" / f"blob-{file.name}"
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    return cache
+
+
+def test_a_hub_cache_folder_is_read_through_its_snapshot_symlinks(vit, pictures, tmp_path):
+    folder, network = vit
+    cache = as_hub_cache(folder, tmp_path / "models--timm--test_vit.tiny")
     offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", cache)
     expected, _ = timm_top1(network, pictures)
     assert [by_name(read_rows(tmp_path / "out"))[path.name]["label"] for path in pictures] == [LABELS[i] for i in expected]
