@@ -187,7 +187,9 @@ class _Logits(torch.nn.Module):
 
 def _build(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a bar per load is noise in a job's log
     folder = spec.options["folder"]
     network, found = _load(folder, "its weights", lambda: AutoModelForImageClassification.from_pretrained(
         folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True))  # fmt: skip
