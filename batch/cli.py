@@ -126,6 +126,8 @@ def main() -> None:
               help="A torchvision weights name (DEFAULT, IMAGENET1K_V2...), a state-dict or checkpoint file "
                    "(FILE#ema: its EMA weights), or 'none' (untrained).")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="Class names, one per line.")
+@click.option("--template", "templates", multiple=True,
+              help="Zero-shot CLIP: a prompt, {} for the class name; repeat to average  [default: 'a photo of a {}.']")
 @click.option("--resize", type=click.IntRange(1), help="Override: resize the shorter side to this.")
 @click.option("--crop", type=click.IntRange(1), help="Override: centre crop size.")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Override: resize filter.")
@@ -156,7 +158,7 @@ def main() -> None:
 @RETRY_KIND
 @click.option("-v", "--verbose", is_flag=True, help="Log every commit.")
 def classify(sources: tuple[str, ...], output: str, model: str, weights: str, labels_file: str | None,
-             resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
+             templates: tuple[str, ...], resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
              std: tuple[float, float, float] | None, topk: int, activation: str, batch_size: int | None,
              workers: int | None,
              device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
@@ -184,7 +186,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
         raise click.UsageError("--num-shards and --shard-index go together")
     try:
         options = ClassifyOptions(
-            sources=sources, output=output, model=model, weights=weights, labels_file=labels_file,
+            sources=sources, output=output, model=model, weights=weights, labels_file=labels_file, templates=templates,
             overrides=PreprocessOverrides(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std),
             topk=topk, activation=activation, batch_size=batch_size, workers=workers, device=device, precision=precision,
             shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,

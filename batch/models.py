@@ -8,7 +8,7 @@ builds the network afterwards. The kinds of model:
 - a TorchScript or torch.export file of the user's own, class names and preprocessing stored with it
   (extra file `batch.json`) or given as options;
 - a model family of its own module, an optional extra of the package: timm (`model_timm.py`), Hugging
-  Face transformers folders (`model_hf.py`).
+  Face transformers folders (`model_hf.py`), zero-shot OpenCLIP (`model_clip.py`).
 Where weights files are, and how they are staged, hashed and loaded, is `weights.py`'s.
 """
 
@@ -95,6 +95,7 @@ class ModelSpec:
     supports_embeddings: bool = True
     activation: str = "softmax"  # sigmoid: a multi-label model scores each class on its own
     options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # a family's own, for its builder
+    family_identity: dict[str, Any] = field(default_factory=dict)  # what else decides a family's answers (CLIP's prompts)
 
     @property
     def untrained(self) -> bool:
@@ -112,7 +113,7 @@ class ModelSpec:
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.describe(),
             "labels_sha256": hashlib.sha256("\n".join(self.labels).encode()).hexdigest(),
-        } | ({"activation": self.activation} if self.activation != "softmax" else {})  # earlier results' identity stays
+        } | ({"activation": self.activation} if self.activation != "softmax" else {}) | self.family_identity  # earlier results' identity stays
 
     def load(self, device: torch.device = torch.device("cpu")) -> torch.nn.Module:
         """The network, on the CPU to be moved whole; a model file on `device` already, since only its
@@ -147,8 +148,16 @@ def resolve(
     weights: str = DEFAULT_WEIGHTS,
     labels_file: str | None = None,
     overrides: PreprocessOverrides = PreprocessOverrides(),
+    templates: tuple[str, ...] = (),
 ) -> ModelSpec:
+    """`templates` are the prompts of a zero-shot CLIP model, and of no other."""
     labels = read_labels(labels_file) if labels_file else None
+    from batch import model_clip  # open_clip itself is imported only for a CLIP model
+
+    if model_clip.is_clip_model(model):
+        return model_clip.resolve(model, weights, labels, overrides, templates)
+    if templates:
+        raise ModelError(f"--template is for zero-shot CLIP models (an OpenCLIP folder, open_clip:ARCH), not {model}")
     if model == DEFAULT_MODEL:
         return _resolve_default(weights, labels, overrides)
     if model in torchvision_models():

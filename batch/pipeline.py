@@ -58,6 +58,7 @@ class ClassifyOptions:
     labels_file: str | None = None
     overrides: models.PreprocessOverrides = models.PreprocessOverrides()
     activation: str = "softmax"
+    templates: tuple[str, ...] = ()  # a zero-shot CLIP model's prompts
     topk: int = 5
     batch_size: int | None = None
     workers: int | None = None
@@ -121,7 +122,7 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
     if options.activation not in models.ACTIVATIONS:
         raise ValueError(f"--activation is one of {', '.join(models.ACTIVATIONS)}, not {options.activation!r}")
     sources.check_sources(options.sources)
-    spec = replace(models.resolve(options.model, options.weights, options.labels_file, options.overrides),
+    spec = replace(models.resolve(options.model, options.weights, options.labels_file, options.overrides, options.templates),
                    activation=options.activation)  # fmt: skip
     if options.embeddings and not spec.supports_embeddings:
         raise ValueError(f"--embeddings is not available for {spec.name}: a model file hides its layers")

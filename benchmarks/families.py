@@ -1,9 +1,9 @@
 """One model of each family, saved as its own library saves it, classified by `batch classify` as whole processes.
 
 timm: `timm:ARCH --weights model.safetensors` (a state dict written by safetensors); Hugging Face: a
-`save_pretrained` folder with its image processor. Both are randomly initialised (nothing can be
-downloaded), so what this shows is that each family loads, preprocesses and runs on the device, and
-how fast, start-up included; agreement with each library's own inference is tests/test_model_*.py's.
+`save_pretrained` folder with its image processor; OpenCLIP zero-shot over 1,000 named classes. All are
+randomly initialised (nothing can be downloaded), so what this shows is that each family loads,
+preprocesses and runs on the device, and how fast, start-up included; agreement with each library's own inference is tests/test_model_*.py's.
 
 Run from the repository root, as
 `python -m benchmarks.families PICTURES [--device cuda] [--precision bf16] [--batch-size 256] [--tiny]`.
@@ -12,6 +12,7 @@ Run from the repository root, as
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -50,6 +51,26 @@ def save_hf(tiny: bool, folder: Path) -> list[str]:
     return ["--model", str(folder / "convnext")]
 
 
+def save_clip(tiny: bool, folder: Path) -> list[str]:
+    """Zero-shot OpenCLIP over the 1,000 class names: a tiny open_clip_config.json folder, or ViT-B-32 by
+    its built-in name with a weights file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    labels = folder / "classes.txt"
+    labels.write_text("".join(f"class {index}\n" for index in range(CLASSES)))
+    if not tiny:
+        torch.save(open_clip.create_model("ViT-B-32").state_dict(), folder / "open_clip_pytorch_model.bin")
+        return ["--model", "open_clip:ViT-B-32", "--weights", str(folder / "open_clip_pytorch_model.bin"), "--labels", str(labels)]
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}  # fmt: skip
+    (folder / "clip").mkdir()
+    save_file(open_clip.CLIP(**config).state_dict(), folder / "clip" / "open_clip_model.safetensors")
+    (folder / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    return ["--model", str(folder / "clip"), "--labels", str(labels)]
+
+
 def run(pictures: Path, model: list[str], options: list[str], output: Path) -> str:
     """`batch classify`: its own rate after start-up (its last log line), the whole process's, its rows."""
     start = time.perf_counter()
@@ -77,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         families = {
             "timm": save_timm("test_resnet" if args.tiny else "resnet50", folder),
             "hf": save_hf(args.tiny, folder),
+            "clip": save_clip(args.tiny, folder),
         }
         print(f"{args.pictures}: {args.device}, {args.precision}, batch {args.batch_size}")
         for family, model in families.items():

@@ -3,7 +3,7 @@
 # 16 cores, most telling first: batch doctor; ResNet-50 (untrained) from ImageNet-sized JPEGs to Parquet
 # against the model alone and both peers on the same GPU; top-1 agreement in bf16, fp16 and fp32 with
 # the CPU's fp32 reference; the GPU tests and the part of the suite a GPU changes; the default model;
-# a timm and a Hugging Face model; camera-sized JPEGs. It writes OUT/report.md (each command, what it printed, its time) and
+# a timm, a Hugging Face and a zero-shot OpenCLIP model; camera-sized JPEGs. It writes OUT/report.md (each command, what it printed, its time) and
 # OUT/steps.log (everything); a step that fails is reported and the next one runs. A time limit that
 # cuts it short leaves the report of the steps done.
 #
@@ -92,7 +92,7 @@ fi
 step "default model stages" 180 "$python" -m batch bench "@$pictures/sample.txt" --device "$device" --batch-size "$batch_size"
 step "default model end to end, ImageNet-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/small" \
     --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files "$peer_files"
-step "model families: timm and Hugging Face, end to end" 300 "$python" -m benchmarks.families "$pictures/small" \
+step "model families: timm, Hugging Face, OpenCLIP, end to end" 300 "$python" -m benchmarks.families "$pictures/small" \
     --device "$device" --precision "$precision" --batch-size "$batch_size" ${tiny:+--tiny}
 make_pictures camera "$camera" 2000-4000
 step "ResNet-50 end to end, camera-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/camera" \

@@ -139,12 +139,12 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
                      "ResNet-50 end to end, ImageNet-sized, against the peers", "pictures: agreement",
                      "agreement with the CPU's fp32 reference", "default model stages",
                      "default model end to end, ImageNet-sized, against the peers",
-                     "model families: timm and Hugging Face, end to end", "pictures: camera",
+                     "model families: timm, Hugging Face, OpenCLIP, end to end", "pictures: camera",
                      "ResNet-50 end to end, camera-sized, against the peers"]  # fmt: skip
     assert len(re.findall(r"^ok in \d+ s$", report, re.MULTILINE)) == len(steps)
     assert re.search(r"^  fp32: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
     assert re.search(r"^  model +[0-9.]+ images/s  cpu, fp32, batch 8", report, re.MULTILINE)
-    for family, model in (("timm", "timm:test_resnet"), ("hf", "convnext")):
+    for family, model in (("timm", "timm:test_resnet"), ("hf", "convnext"), ("clip", "clip")):
         assert re.search(rf"^  {family} +{model} +[0-9.]+ images/s after start-up, .*  24 rows, 0 failed$", report, re.MULTILINE), report
     assert (tmp_path / "check" / "steps.log").stat().st_size > 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["check"], "the pictures must be deleted"

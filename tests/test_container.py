@@ -57,7 +57,7 @@ def test_apptainer_def_is_in_sync_and_starts_from_the_pinned_base():
 
 
 CONSTRAINTS = REPOSITORY / "batch" / "constraints.txt"
-IMAGE_EXTRAS = "timm,hf"  # every model family
+IMAGE_EXTRAS = "timm,hf,clip"  # every model family
 PINNED_INSTALL = f'/opt/batch/bin/pip install --no-cache-dir -c /opt/batch/src/batch/constraints.txt "/opt/batch/src[{IMAGE_EXTRAS}]"'
 
 

@@ -22,9 +22,8 @@ from transformers import (AutoImageProcessor, ConvNextConfig, ConvNextForImageCl
                           ViTConfig, ViTForImageClassification, ViTImageProcessor)  # fmt: skip
 
 from batch.writer import read_record
-from tests import images
 from tests.conftest import read_rows
-from tests.test_model_timm import SIDE, as_hub_cache, by_name, crops, offline
+from tests.test_model_timm import SIDE, as_hub_cache, by_name, mixed, offline, pictures  # noqa: F401 - a fixture
 
 LABELS = ["alpha", "beta", "gamma", "delta"]
 NAMED = {"id2label": dict(enumerate(LABELS)), "label2id": {name: index for index, name in enumerate(LABELS)}}
@@ -78,11 +77,6 @@ def save_convnext(folder: Path, pictures: list[Path], named: bool = True) -> Pat
 
 
 @pytest.fixture(scope="module")
-def pictures(tmp_path_factory) -> list[Path]:
-    return crops(tmp_path_factory.mktemp("hf") / "at-size")
-
-
-@pytest.fixture(scope="module")
 def vit(pictures, tmp_path_factory) -> Path:
     return save_vit(tmp_path_factory.mktemp("hf") / "vit", pictures)
 
@@ -107,16 +101,9 @@ def test_a_saved_vit_classifies_offline_as_transformers_does(vit, pictures, tmp_
 
 def test_other_sizes_modes_and_a_broken_file_agree_with_the_models_own_processor(pictures, tmp_path):
     folder = save_convnext(tmp_path / "convnext", pictures)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    made = []
-    for number, path in enumerate(pictures):
-        picture = Image.open(path).resize((SIDE + 61, SIDE + 19 * number), Image.Resampling.BICUBIC)
-        made.append(mixed / f"{path.stem}.png")
-        picture.convert(("RGB", "L", "RGBA")[number % 3]).save(made[-1])
-    (mixed / "broken.jpg").write_bytes((images.PHOTOS / "coffee.jpg").read_bytes()[:2000])
+    made = mixed(pictures, tmp_path / "mixed")
     expected = own_inference(folder, made).argmax(1)
-    offline("classify", mixed, "-o", tmp_path / "out", "--model", folder)
+    offline("classify", made[0].parent, "-o", tmp_path / "out", "--model", folder)
     rows = by_name(read_rows(tmp_path / "out"))
     assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["label"] is None
     agree = [rows[path.name]["label"] == LABELS[top1] for path, top1 in zip(made, expected)]
@@ -169,9 +156,9 @@ def test_a_processor_whose_output_shape_follows_the_picture_is_refused_unless_a_
     assert len(read_rows(tmp_path / "out")) == len(pictures)
 
 
-def test_transformers_is_imported_only_for_a_transformers_model():
+def test_transformers_and_open_clip_are_imported_only_for_their_models():
     code = ("import sys; from batch import models, pipeline; models.resolve(); models.resolve('resnet18', 'none'); "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+            "assert not {'transformers', 'open_clip'} & set(sys.modules), 'a family imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

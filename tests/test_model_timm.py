@@ -75,9 +75,23 @@ def timm_top1(network: torch.nn.Module, pictures: list[Path]) -> tuple[list[int]
     return scores.argmax(1).tolist(), scores
 
 
+def mixed(pictures: list[Path], folder: Path) -> list[Path]:
+    """The pictures at other sizes, in turn RGB, greyscale and RGBA, as PNG; beside them (not listed) a
+    truncated JPEG, broken.jpg."""
+    folder.mkdir()
+    made = []
+    for number, path in enumerate(pictures):
+        picture = Image.open(path).resize((SIDE + 61, SIDE + 19 * number), Image.Resampling.BICUBIC)
+        made.append(folder / f"{path.stem}.png")
+        picture.convert(("RGB", "L", "RGBA")[number % 3]).save(made[-1])
+    (folder / "broken.jpg").write_bytes((images.PHOTOS / "coffee.jpg").read_bytes()[:2000])
+    return made
+
+
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> list[Path]:
-    return crops(tmp_path_factory.mktemp("timm") / "at-size")
+    """crops(), once per test module that uses them."""
+    return crops(tmp_path_factory.mktemp("crops") / "at-size")
 
 
 def save_tiny_vit(folder: Path, pictures: list[Path]) -> torch.nn.Module:
@@ -122,17 +136,9 @@ def test_a_saved_folder_classifies_offline_as_timm_does(vit, pictures, tmp_path)
 
 def test_other_sizes_modes_and_a_broken_file_agree_with_timms_preprocessing(vit, pictures, tmp_path):
     folder, network = vit
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    made = []
-    for number, path in enumerate(pictures):
-        picture = Image.open(path).resize((SIDE + 61, SIDE + 19 * number), Image.Resampling.BICUBIC)
-        picture = picture.convert(("RGB", "L", "RGBA")[number % 3])
-        made.append(mixed / f"{path.stem}.png")
-        picture.save(made[-1])
-    (mixed / "broken.jpg").write_bytes((images.PHOTOS / "coffee.jpg").read_bytes()[:2000])
+    made = mixed(pictures, tmp_path / "mixed")
     expected, _ = timm_top1(network, made)
-    offline("classify", mixed, "-o", tmp_path / "out", "--model", folder)
+    offline("classify", made[0].parent, "-o", tmp_path / "out", "--model", folder)
     rows = by_name(read_rows(tmp_path / "out"))
     assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["label"] is None
     agree = [rows[path.name]["label"] == LABELS[top1] for path, top1 in zip(made, expected)]

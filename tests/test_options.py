@@ -22,6 +22,7 @@ CLASSIFY = [  # arguments beyond the base, and what they change
     (["--model", "resnet18"], {"model": "resnet18"}),
     (["--weights", "IMAGENET1K_V1"], {"weights": "IMAGENET1K_V1"}),
     (["--labels", "names.txt"], {"labels_file": "names.txt"}),
+    (["--template", "a {}", "--template", "the {}"], {"templates": ("a {}", "the {}")}),
     (["--resize", "300"], {"overrides": PreprocessOverrides(resize=300)}),
     (["--crop", "250"], {"overrides": PreprocessOverrides(crop=250)}),
     (["--interpolation", "bicubic"], {"overrides": PreprocessOverrides(interpolation="bicubic")}),
