@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from batch.decode import INTERPOLATIONS
+from batch.decode import INTERPOLATIONS, Preprocess
 from batch.models import ModelError, ModelSpec, PreprocessOverrides, hub_snapshot, require_extra
 from batch.weights import WeightsError, local_file
 
@@ -74,8 +75,8 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
         weights_file, source = local_file(found), os.path.basename(os.path.abspath(model))
         name = f"{PREFIX}{os.path.basename(os.path.abspath(model))}"
         created = {"model_name": f"local-dir:{os.path.abspath(model)}"}
-    preprocess = _preprocessing(open_clip, config, chosen, model, overrides)
-    if not chosen:
+    preprocess = _preprocessing(config, chosen, model, overrides)
+    if name == model:  # a built-in architecture: its preprocessing is open_clip's defaults at its size
         log.info("%s takes the built-in config's preprocessing: %s", model, preprocess.describe())
     return ModelSpec(
         name=name,
@@ -84,18 +85,16 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
         labels=list(labels),
         preprocess=preprocess,
         builder=_build,
-        options={"created": created, "templates": templates, "architecture": created["model_name"]},
+        options={"created": created, "templates": templates},
         family_identity={"templates": list(templates)},
     )
 
 
-def _preprocessing(open_clip: Any, config: dict[str, Any], chosen: dict[str, Any], model: str,
-                   overrides: PreprocessOverrides):  # fmt: skip
+def _preprocessing(config: dict[str, Any], chosen: dict[str, Any], model: str,
+                   overrides: PreprocessOverrides) -> Preprocess:  # fmt: skip
     """open_clip's own defaults, the folder's preprocess_cfg over them, at the image tower's input size: a
     resize of the shorter side and a centre crop, as open_clip's `shortest` mode does. Its other modes
     (`squash`, `longest` with padding) are refused unless --resize and --crop choose a centre crop."""
-    from dataclasses import asdict
-
     from open_clip.factory import merge_preprocess_dict
     from open_clip.transform import PreprocessCfg
 

@@ -336,7 +336,11 @@ def read_stored_description(path: str) -> dict[str, Any]:
     """The `batch.json` extra file of a TorchScript or torch.export archive, read without loading the model."""
     try:
         with zipfile.ZipFile(path) as archive:
-            stored = [name for name in archive.namelist() if name.endswith(f"/extra/{EXTRA_FILE}")]
+            names = archive.namelist()
+            if not any("/code/" in name or name.endswith("/archive_format") for name in names):
+                raise ModelError(f"{path} holds weights only (torch.save of a state dict), no network: name the "
+                                 "architecture, as --model ARCH --weights FILE (torchvision), timm:ARCH or open_clip:ARCH")  # fmt: skip
+            stored = [name for name in names if name.endswith(f"/extra/{EXTRA_FILE}")]
             if not stored:
                 return {}
             return json.loads(archive.read(stored[0]) or b"{}")

@@ -16,7 +16,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from batch.writer import read_record
 from tests.conftest import read_rows
@@ -131,7 +131,10 @@ def test_weights_of_another_architecture_are_an_error_naming_the_model(clip, pic
 
 
 def test_what_a_zero_shot_model_needs_is_asked_for_by_name(clip, pictures, tmp_path):
+    bare = tmp_path / "open_clip_pytorch_model.bin"  # weights with no architecture: it would get default preprocessing
+    torch.save(load_file(clip / "open_clip_model.safetensors"), bare)
     cases = {
+        ("--model", bare, "--labels", labels_file(tmp_path)): "holds weights only (torch.save of a state dict), no network",
         ("--model", clip): "pass --labels FILE",
         ("--model", "open_clip:ViT-B-32", "--labels", labels_file(tmp_path)): "needs its weights: --weights FILE",
         ("--model", "open_clip:", "--weights", clip / "open_clip_model.safetensors", "--labels",
