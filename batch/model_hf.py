@@ -52,7 +52,7 @@ class ProcessorPreprocess(Preprocess):
     """The model's own image processor, resizing and cropping in the decoding workers; `mean` and `std`
     (0-255 scale) are its rescale and normalisation, applied on the device as for every model."""
 
-    processor: Any = field(default=None, compare=False, repr=False)  # pickled into each worker
+    processor: Any = field(default=None, compare=False, repr=False)  # inherited by each forked worker
     settings: str = ""  # the processor's own configuration, as JSON: part of the results' identity
 
     def cut(self, image: Image.Image, full_size: tuple[int, int], reduction: float) -> np.ndarray:
