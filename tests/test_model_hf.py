@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (AutoImageProcessor, ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor,
                           ViTConfig, ViTForImageClassification, ViTImageProcessor)  # fmt: skip
 
@@ -176,4 +177,17 @@ def test_what_the_processor_does_beyond_resizing_is_done_by_the_processor(vit, p
     offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder)
     rows = by_name(read_rows(tmp_path / "out"))
     for path, row_scores in zip(pictures, scores):
+        assert np.allclose(rows[path.name]["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
+
+
+def test_pytorch_model_bin_of_older_transformers_loads_as_the_safetensors_does(vit, pictures, tmp_path):
+    """transformers 5 writes only safetensors; folders saved before hold pytorch_model.bin, read as data."""
+    folder = tmp_path / "bin"
+    shutil.copytree(vit, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder)
+    expected = own_inference(vit, pictures)
+    rows = by_name(read_rows(tmp_path / "out"))
+    for path, row_scores in zip(pictures, expected):
         assert np.allclose(rows[path.name]["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
