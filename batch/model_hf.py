@@ -98,6 +98,9 @@ def resolve(folder: str, labels: list[str] | None, overrides: PreprocessOverride
 def _preprocessing(processor: Any, folder: str, overrides: PreprocessOverrides) -> Preprocess:
     """The processor's resize and crop, and its rescale and normalisation on the 0-255 scale. --resize
     and --crop together replace its resize and crop with ours; --mean and --std replace its values."""
+    interpolation = RESAMPLE_NAMES.get(getattr(processor, "resample", None), "bilinear")
+    if None not in (overrides.resize, overrides.crop, overrides.mean, overrides.std):  # nothing of it is used
+        return overrides.apply({"interpolation": interpolation})
     try:
         mean, std = _arithmetic(processor, folder)
     except ModelError:
@@ -106,7 +109,7 @@ def _preprocessing(processor: Any, folder: str, overrides: PreprocessOverrides) 
         raise ModelError(f"{folder}'s {type(processor).__name__} cannot resize and crop without its rescale and "
                          f"normalisation, as batch's decoding workers need: {error}") from None  # fmt: skip
     base = {"mean": tuple(value / 255 for value in mean), "std": tuple(value / 255 for value in std),  # 0-1 scale
-            "interpolation": RESAMPLE_NAMES.get(getattr(processor, "resample", None), "bilinear")}  # fmt: skip
+            "interpolation": interpolation}  # fmt: skip
     if overrides.resize is not None and overrides.crop is not None:
         return overrides.apply(base)
     if overrides.resize is not None or overrides.crop is not None or overrides.interpolation is not None:

@@ -191,3 +191,17 @@ def test_pytorch_model_bin_of_older_transformers_loads_as_the_safetensors_does(v
     rows = by_name(read_rows(tmp_path / "out"))
     for path, row_scores in zip(pictures, expected):
         assert np.allclose(rows[path.name]["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
+
+
+def test_a_processor_replaced_whole_by_the_options_is_not_run(vit, pictures, tmp_path):
+    """--resize, --crop, --mean and --std together: the processor is neither measured nor run (transformers
+    5.25's EfficientNet processor cannot resize uint8 pictures without normalising them)."""
+    folder = tmp_path / "efficientnet-processor"
+    shutil.copytree(vit, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "EfficientNetImageProcessor"}))
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", folder, "--resize", str(SIDE),
+            "--crop", str(SIDE), "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")  # fmt: skip
+    expected = own_inference(vit, pictures)  # ViTImageProcessor: the same resize and 0.5 mean and std
+    rows = by_name(read_rows(tmp_path / "out"))
+    for path, row_scores in zip(pictures, expected):
+        assert np.allclose(rows[path.name]["topk_scores"], np.sort(row_scores)[::-1], atol=1e-5)
