@@ -15,7 +15,6 @@ times the model's logit scale. The network that runs is the image tower, its out
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from batch.decode import INTERPOLATIONS, Preprocess
-from batch.models import ModelError, ModelSpec, PreprocessOverrides, hub_snapshot, require_extra
+from batch.models import ModelError, ModelSpec, PreprocessOverrides, hub_snapshot, read_json, require_extra
 from batch.weights import WeightsError, local_file
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,13 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 TEXT_BATCH = 256  # prompts encoded at once: thousands of classes in bounded memory
 
 
+def is_clip_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, CONFIG))
+
+
 def is_clip_model(model: str) -> bool:
     """`open_clip:ARCH`, or a folder (or hub cache folder) holding open_clip_config.json."""
-    return model.startswith(PREFIX) or (os.path.isdir(model) and os.path.isfile(os.path.join(hub_snapshot(model), CONFIG)))
+    return model.startswith(PREFIX) or (os.path.isdir(model) and is_clip_folder(hub_snapshot(model)))
 
 
 def resolve(model: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides,
@@ -64,10 +67,9 @@ def resolve(model: str, weights: str, labels: list[str] | None, overrides: Prepr
     else:
         from open_clip.factory import _find_checkpoint_in_dir  # open_clip's own choice among a folder's files
 
-        if weights != "DEFAULT":
-            raise ModelError(f"the model folder {model} holds its own weights: drop --weights {weights}")
-        model = hub_snapshot(model)
-        stored = _read_config(model)
+        stored = read_json(os.path.join(model, CONFIG))  # a hub snapshot already, and --weights refused
+        if not isinstance(stored.get("model_cfg"), dict):
+            raise ModelError(f"{os.path.join(model, CONFIG)} holds no 'model_cfg': it is not an OpenCLIP config")
         config, chosen = stored["model_cfg"], stored.get("preprocess_cfg") or {}
         found = _find_checkpoint_in_dir(Path(model))
         if found is None:
@@ -156,14 +158,3 @@ def class_embeddings(model: nn.Module, tokenizer: Any, labels: list[str], templa
     averaged = encoded.view(len(labels), len(templates), -1).mean(dim=1)
     return nn.functional.normalize(averaged, dim=-1).cpu()
 
-
-def _read_config(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, CONFIG)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            stored = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read {path}: {error}") from None
-    if not isinstance(stored, dict) or not isinstance(stored.get("model_cfg"), dict):
-        raise ModelError(f"{path} holds no 'model_cfg': it is not an OpenCLIP config")
-    return stored

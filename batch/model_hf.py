@@ -28,23 +28,12 @@ from batch.weights import WeightsError, local_file
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
 PROCESSOR_CONFIG = "preprocessor_config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes, preferred first
 PLACEHOLDER_LABEL = re.compile(r"LABEL_\d+")  # what transformers names classes nobody named
 PROBE_SHAPES = ((640, 480), (480, 640))  # landscape and portrait: a fixed output must not depend on them
 RESAMPLE_NAMES = {Image.Resampling.NEAREST: "nearest", Image.Resampling.BILINEAR: "bilinear",
                   Image.Resampling.BICUBIC: "bicubic"}  # fmt: skip
-
-
-def is_hf_folder(folder: str) -> bool:
-    """A folder whose config.json names transformers `architectures` (timm's names one `architecture`)."""
-    try:
-        with open(os.path.join(folder, CONFIG), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "architectures" in config
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ std; only its centre crop is what our decoders do, so the other crop modes are r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from typing import Any
@@ -27,13 +26,7 @@ from batch.weights import WeightsError, local_file
 
 PREFIX = "timm:"
 EMA_SUFFIX = "#ema"
-CONFIG = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_for_hf and the hub hold, preferred first
-
-
-def is_timm_folder(folder: str) -> bool:
-    """A folder whose config.json names a timm architecture (transformers' names `architectures`)."""
-    return "architecture" in _read_config(folder) if os.path.isfile(os.path.join(folder, CONFIG)) else False
 
 
 def resolve(model: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides) -> ModelSpec:
@@ -167,11 +160,3 @@ def _build(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
     network.load_state_dict(state)
     return network.eval()
 
-
-def _read_config(folder: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(folder, CONFIG), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read {os.path.join(folder, CONFIG)}: {error}") from None
-    return config if isinstance(config, dict) else {}

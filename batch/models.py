@@ -151,12 +151,10 @@ def resolve(
     templates: tuple[str, ...] = (),
 ) -> ModelSpec:
     """`templates` are the prompts of a zero-shot CLIP model, and of no other."""
-    labels = read_labels(labels_file) if labels_file else None
     from batch import model_clip  # open_clip itself is imported only for a CLIP model
 
-    if model_clip.is_clip_model(model):
-        return model_clip.resolve(model, weights, labels, overrides, templates)
-    if templates:
+    labels = read_labels(labels_file) if labels_file else None
+    if templates and not model_clip.is_clip_model(model):
         raise ModelError(f"--template is for zero-shot CLIP models (an OpenCLIP folder, open_clip:ARCH), not {model}")
     if model == DEFAULT_MODEL:
         return _resolve_default(weights, labels, overrides)
@@ -166,8 +164,10 @@ def resolve(
         from batch import model_timm
 
         return model_timm.resolve(model, weights, labels, overrides)
+    if model.startswith(model_clip.PREFIX):
+        return model_clip.resolve(model, weights, labels, overrides, templates)
     if os.path.isdir(model):
-        return _resolve_folder(hub_snapshot(model), weights, labels, overrides)
+        return _resolve_folder(hub_snapshot(model), weights, labels, overrides, templates)
     if os.path.isfile(model) or model.endswith(MODEL_FILE_SUFFIXES) or os.sep in model:
         return _resolve_model_file(model, labels, overrides)
     close = difflib.get_close_matches(model, known_models(), n=3, cutoff=0.6)
@@ -175,19 +175,25 @@ def resolve(
     raise ModelError(f"unknown model {model!r}{hint}")
 
 
-def _resolve_folder(folder: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides) -> ModelSpec:
-    """A model folder: the family is told by the files in it."""
-    from batch import model_hf, model_timm
+def _resolve_folder(folder: str, weights: str, labels: list[str] | None, overrides: PreprocessOverrides,
+                    templates: tuple[str, ...]) -> ModelSpec:  # fmt: skip
+    """A model folder: the family is told by the files in it, config.json read once."""
+    from batch import model_clip, model_hf, model_timm
 
     if weights != DEFAULT_WEIGHTS:
         raise ModelError(f"the model folder {folder} holds its own weights: drop --weights {weights}")
-    if model_timm.is_timm_folder(folder):
+    if model_clip.is_clip_folder(folder):
+        return model_clip.resolve(folder, weights, labels, overrides, templates)
+    config_file = os.path.join(folder, "config.json")
+    config = read_json(config_file) if os.path.isfile(config_file) else {}
+    if "architecture" in config:  # timm's config.json names one
         return model_timm.resolve(folder, weights, labels, overrides)
-    if model_hf.is_hf_folder(folder):
+    if "architectures" in config:  # transformers' names a list
         return model_hf.resolve(folder, labels, overrides)
     raise ModelError(f"{folder} is not a model folder batch knows: a timm folder has config.json with "
                      "'architecture' (save_for_hf, or a Hugging Face cache snapshot of a timm/ model), a "
-                     "transformers folder has config.json with 'architectures' (save_pretrained)")  # fmt: skip
+                     "transformers folder has config.json with 'architectures' (save_pretrained), an OpenCLIP "
+                     "folder has open_clip_config.json")  # fmt: skip
 
 
 def hub_snapshot(folder: str) -> str:
@@ -201,6 +207,16 @@ def hub_snapshot(folder: str) -> str:
     if not os.path.isdir(snapshot):
         raise ModelError(f"{folder} is a Hugging Face cache folder whose refs/main names a missing snapshot: {snapshot}")
     return snapshot
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """A model's JSON file; one that cannot be read or parsed is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {path}: {error}") from None
+    return stored if isinstance(stored, dict) else {}
 
 
 def require_extra(extra: str, module: str) -> ModuleType:
