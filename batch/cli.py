@@ -141,6 +141,9 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="auto: bf16 on a GPU that has it, fp32 on CPU.")
+@click.option("--decode", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu", "auto"]),
+              help="Where JPEGs are decoded: by the workers on the CPU, or in batches on the model's GPU (the "
+                   "workers check each file; one the GPU refuses is decoded on the CPU). auto: gpu on a GPU.")
 @click.option("--num-shards", type=click.IntRange(1), help="Split the inputs into this many shards  [default: from Slurm]")
 @click.option("--shard-index", type=click.IntRange(0), help="The shard this run takes  [default: from Slurm]")
 @click.option("--embeddings", is_flag=True, help="Also store penultimate-layer features (float16).")
@@ -161,7 +164,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
              templates: tuple[str, ...], resize: int | None, crop: int | None, interpolation: str | None, mean: tuple[float, float, float] | None,
              std: tuple[float, float, float] | None, topk: int, activation: str, batch_size: int | None,
              workers: int | None,
-             device: str, precision: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
+             device: str, precision: str, decode: str, num_shards: int | None, shard_index: int | None, embeddings: bool,
              overwrite: bool, strict: bool, max_error_rate: float | None, commit_every: float,
              decode_timeout: float, io_retries: int, retry_failed: bool, retry_kinds: tuple[str, ...],
              verbose: bool) -> None:  # fmt: skip
@@ -189,7 +192,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
             sources=sources, output=output, model=model, weights=weights, labels_file=labels_file, templates=templates,
             overrides=PreprocessOverrides(resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std),
             topk=topk, activation=activation, batch_size=batch_size, workers=workers, device=device, precision=precision,
-            shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
+            decode=decode, shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
             overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
             decode_timeout=decode_timeout, io_retries=io_retries,
             retry_failed=_retry(retry_failed, retry_kinds),

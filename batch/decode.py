@@ -8,6 +8,7 @@ Pixels stay uint8 (HWC, which is channels_last for the model); normalisation hap
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import time
@@ -22,6 +23,8 @@ from batch import transient
 from batch.containers import MemberError, Reader
 from batch.manifest import Found
 
+EXIF_ORIENTATION = 0x0112
+JPEG_END = b"\xff\xd9"
 MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit: about 179 Mpx, a 16000x11000 picture
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
@@ -67,59 +70,94 @@ class Preprocess:
 
 @dataclass
 class Decoded:
-    """What the worker hands back for one file: pixels, or an error, never both."""
+    """What the worker hands back for one file: pixels, a checked JPEG's bytes to decode on the device
+    (--decode gpu), or an error; never two of them. Width and height are the picture's, upright."""
 
     index: int
     pixels: np.ndarray | None = field(default=None, repr=False)
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    jpeg: np.ndarray | None = field(default=None, repr=False)  # uint8, the whole file
+    orientation: int = 1  # the JPEG's EXIF orientation, 1 to 8: what turns it upright
+    jpeg_span: tuple[int, int] | None = None  # where in its JPEG slot a worker left `jpeg` (pool.py)
 
 
 _members = Reader()  # this process's open container, kept from one member to the next
 
 
 def decode(index: int, path: str, preprocess: Preprocess, member: Found | None = None,
-           retries: int = transient.DEFAULT_RETRIES, sleep: Callable[[float], None] = time.sleep) -> Decoded:  # fmt: skip
+           retries: int = transient.DEFAULT_RETRIES, sleep: Callable[[float], None] = time.sleep,
+           jpeg_room: int = 0) -> Decoded:  # fmt: skip
     """Decode the file at `path`, or the `member` of a tar or Parquet file that `path` names, from its bytes.
     A read that fails for a reason outside the file (batch.transient) is tried again, opened afresh,
     after a growing wait (through `sleep`: the pool's stops its hang clock); only when every try failed
-    does the row say `io error`."""
+    does the row say `io error`. A JPEG of at most `jpeg_room` bytes that the device's decoder takes
+    (`_device_jpeg`) comes back undecoded, as its bytes."""
     for delay in transient.delays(retries):
         try:
-            return _decode_once(index, path, preprocess, member)
+            return _decode_once(index, path, preprocess, member, jpeg_room)
         except _Transient:
             _members.close()
             sleep(delay)
     try:
-        return _decode_once(index, path, preprocess, member)
+        return _decode_once(index, path, preprocess, member, jpeg_room)
     except _Transient as problem:
         return Decoded(index, error=transient.describe(problem.__cause__ or problem, retries + 1))
 
 
-def _decode_once(index: int, path: str, preprocess: Preprocess, member: Found | None) -> Decoded:
+def decode_bytes(index: int, data: bytes, preprocess: Preprocess) -> Decoded:
+    """A file already read, decoded here: the row the file would have had from `decode`."""
+    return _decode_handle(index, io.BytesIO(data), preprocess, jpeg_room=0)
+
+
+def _decode_once(index: int, path: str, preprocess: Preprocess, member: Found | None, jpeg_room: int) -> Decoded:
     try:
         handle = _open_regular_file(path) if member is None else _open_member(member)
     except _Unreadable as problem:
         return Decoded(index, error=str(problem))
     with handle:  # kept open past a failed decode, whose first bytes say what the file is instead
-        try:
-            with Image.open(handle) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    return Decoded(index, error=_too_large(width, height))
-                pixels, (width, height) = _preprocess(image, preprocess)
-        except Image.DecompressionBombError:
-            return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
-        except UnidentifiedImageError:
-            handle.seek(0)
-            return Decoded(index, error=_not_an_image(handle.read(512)))
-        except (OSError, MemberError) as error:
-            _raise_if_transient(error)
-            return Decoded(index, error=_broken_bytes(error))
-        except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
-            return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
+        return _decode_handle(index, handle, preprocess, jpeg_room)
+
+
+def _decode_handle(index: int, handle: BinaryIO, preprocess: Preprocess, jpeg_room: int) -> Decoded:
+    try:
+        with Image.open(handle) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return Decoded(index, error=_too_large(width, height))
+            if jpeg_room and (jpeg := _device_jpeg(image, handle, jpeg_room)):
+                data, orientation = jpeg
+                upright = (height, width) if orientation >= 5 else (width, height)  # 5 to 8 swap the sides
+                return Decoded(index, width=upright[0], height=upright[1], jpeg=data, orientation=orientation)
+            pixels, (width, height) = _preprocess(image, preprocess)
+    except Image.DecompressionBombError:
+        return Decoded(index, error=f"too large: more than {MAX_PIXELS / 1e6:.0f} Mpx (decompression bomb?)")
+    except UnidentifiedImageError:
+        handle.seek(0)
+        return Decoded(index, error=_not_an_image(handle.read(512)))
+    except (OSError, MemberError) as error:
+        _raise_if_transient(error)
+        return Decoded(index, error=_broken_bytes(error))
+    except Exception as error:  # noqa: BLE001 - Pillow's plugins raise anything on hostile bytes
+        return Decoded(index, error=f"decode error: {type(error).__name__}: {error}")
     return Decoded(index, pixels, width, height)
+
+
+def _device_jpeg(image: Image.Image, handle: BinaryIO, room: int) -> tuple[np.ndarray, int] | None:
+    """The whole file and its orientation, when the device's decoder should take it: a JPEG of RGB or
+    grey pixels (not CMYK) that ends where a JPEG ends, within `room` bytes. Anything else is decoded
+    here as with --decode cpu, so its row says what it says there (a truncated file: `truncated`)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    position = handle.tell()
+    handle.seek(0)
+    data = handle.read(room + 1)
+    handle.seek(position)  # Pillow reads on from the header when the picture is decoded here
+    if len(data) > room or not data.rstrip(b"\0").endswith(JPEG_END):
+        return None
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return np.frombuffer(bytearray(data), dtype=np.uint8), orientation if orientation in range(1, 9) else 1
 
 
 class _Unreadable(Exception):

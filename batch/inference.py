@@ -106,6 +106,8 @@ class Classifier:
         self._turn = (self._turn + 1) % len(self._lanes)
         count = len(pixels)
         with torch.cuda.stream(self._copies):
+            if pixels.is_cuda:  # decoded on the device (decode_device.py): by work queued on this stream
+                self._copies.wait_stream(torch.cuda.current_stream(self.device))
             if lane.done is not None:
                 self._copies.wait_event(lane.done)  # the batch that last used this buffer has been read
             lane.pixels[:count].copy_(pixels, non_blocking=True)

@@ -25,8 +25,9 @@ import torch
 import torchvision
 
 import batch
-from batch import commit, models, sources, transient
+from batch import commit, decode_device, models, sources, transient
 from batch.decode import Decoded
+from batch.decode_device import JPEG_BYTES_PER_FILE, DeviceDecoder
 from batch.environment import JobEnvironment, Shard
 from batch.devices import choose_device, choose_precision, device_name, probe
 from batch.inference import IN_FLIGHT, Classifier, Pending
@@ -64,6 +65,7 @@ class ClassifyOptions:
     workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
+    decode: str = "cpu"  # where JPEGs are decoded: cpu (the workers), gpu (the model's device) or auto
     shard: Shard | None = None
     embeddings: bool = False
     overwrite: bool = False
@@ -81,6 +83,7 @@ class Plan:
     spec: models.ModelSpec
     device: torch.device
     precision: str
+    decode: str  # cpu or gpu, as decode_device.choose made of --decode
     shard: Shard
     workers: int
     batch_size: int
@@ -99,6 +102,7 @@ class Plan:
             "device": str(self.device),
             "device_name": device_name(self.device),
             "precision": self.precision,
+            "decode": self.decode,
             "batch_size": self.batch_size,
             "workers": self.workers,
             "host": self.env.host,
@@ -134,20 +138,25 @@ def plan(options: ClassifyOptions, env: JobEnvironment) -> Plan:
         raise ValueError(f"--workers must be 0 (decode in the main process) or more, not {workers}")
     if options.batch_size is not None and options.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {options.batch_size}")
-    batch_size = fit_batch_size(options.batch_size, device, workers, spec.preprocess.crop, env)
     probe(device, precision)
+    decode = decode_device.choose(options.decode, device, spec.preprocess)
+    batch_size = fit_batch_size(options.batch_size, device, workers, spec.preprocess.crop, env, decode)
     commit.check_writable(options.output)
-    wanted = identity(spec, options.topk, options.embeddings, precision)
+    wanted = identity(spec, options.topk, options.embeddings, precision, decode)
     output = commit.OutputDir(options.output, shard.buckets, wanted, env.job_id)
     output.prepare(options.overwrite)
-    return Plan(options, spec, device, precision, shard, workers, batch_size, env, output)
+    return Plan(options, spec, device, precision, decode, shard, workers, batch_size, env, output)
 
 
-def identity(spec: models.ModelSpec, topk: int, embeddings: bool, precision: str) -> dict[str, Any]:
+def identity(spec: models.ModelSpec, topk: int, embeddings: bool, precision: str, decode: str = "cpu") -> dict[str, Any]:
     """What every part of one output must share: the model's answers, their shape and numerics, and the
     bucket layout. Precision is one of them: bf16 scores differ from fp32's in the third digit and
-    reorder near-ties, so a requeue that lands on a node of another kind is refused, not mixed in."""
-    return {**spec.identity(), "topk": topk, "embeddings": embeddings, "precision": precision, "buckets": BUCKETS}
+    reorder near-ties, so a requeue that lands on a node of another kind is refused, not mixed in. So is
+    decoding on the device, which decodes whole pictures where the CPU decodes JPEGs at reduced scale;
+    named only then, so outputs written before --decode existed stay this configuration's."""
+    decoded = {"decode": decode} if decode != "cpu" else {}
+    return {**spec.identity(), "topk": topk, "embeddings": embeddings, "precision": precision, **decoded,
+            "buckets": BUCKETS}  # fmt: skip
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -161,17 +170,18 @@ def default_workers(env: JobEnvironment, device: torch.device) -> int:
     return max(1, env.cpus() - 1) if device.type == "cuda" else env.cpus()
 
 
-def fit_batch_size(requested: int | None, device: torch.device, workers: int, crop: int, env: JobEnvironment) -> int:
-    """The batch size, the default made small enough that the workers' slots of decoded batches fit in a
-    share of the task's memory: 16 workers' slots of 256 crops of 600 px would take 8.9 GB. Fewer
-    but larger pictures keep a GPU as busy."""
+def fit_batch_size(requested: int | None, device: torch.device, workers: int, crop: int, env: JobEnvironment,
+                   decode: str = "cpu") -> int:  # fmt: skip
+    """The batch size, the default made small enough that the workers' slots of decoded batches (and of
+    JPEGs, decoding on the device) fit in a share of the task's memory: 16 workers' slots of 256 crops of
+    600 px would take 8.9 GB. Fewer but larger pictures keep a GPU as busy."""
     size = requested or default_batch_size(device)
     memory, holders = env.memory(), max(workers, 1)
-    per_picture = holders * SLOTS * crop * crop * 3
+    per_picture = holders * SLOTS * (crop * crop * 3 + (JPEG_BYTES_PER_FILE if decode == "gpu" else 0))
     fits = max(1, memory // SHARED_MEMORY_SHARE // per_picture)
     if size <= fits:
         return size
-    held = (f"{holders} workers x {SLOTS} batches of {size} crops of {crop} px take "
+    held = (f"{holders} workers x {SLOTS} batches of {size} crops of {crop} px{' and JPEGs' if decode == 'gpu' else ''} take "
             f"{size * per_picture / 2**20:,.0f} MiB, over 1/{SHARED_MEMORY_SHARE} of this task's "
             f"{memory / 2**20:,.0f} MiB of memory")  # fmt: skip
     if requested:
@@ -252,17 +262,24 @@ def _stream(run: Plan, todo: list[str], members: dict[str, Found], tally: Tally,
     waits for them: this thread never waits on the GPU, only on the decoders and on the copy of pixels."""
     options = run.options
     # The workers start now, and decode the first batches while the model loads.
+    on_device = run.decode == "gpu"
     batches = DecodePool(todo, run.spec.preprocess, run.batch_size, run.workers, pin=run.device.type == "cuda",
-                         timeout=options.decode_timeout, members=members, retries=options.io_retries)  # fmt: skip
+                         timeout=options.decode_timeout, members=members, retries=options.io_retries,
+                         jpeg_bytes=run.batch_size * JPEG_BYTES_PER_FILE if on_device else 0)  # fmt: skip
+    decoder = DeviceDecoder(run.spec.preprocess, run.device) if on_device else None
     writer: _Writer | None = None
     try:
         classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings, run.batch_size)
         writer = _Writer(run, todo, members, tally)
         for batch in batches:
-            writer.put(batch.items, classifier.submit(batch.pixels) if batch.pixels is not None else None)
+            pixels = decoder.crops(batch) if decoder is not None else batch.pixels
+            writer.put(batch.items, classifier.submit(pixels) if pixels is not None else None)
             if stop.requested or writer.breached:
                 break
         writer.finish()
+        if decoder is not None and decoder.on_cpu:
+            log.info("the JPEG decoder on %s refused %d batches whole and %d files alone; those files were decoded "
+                     "on the CPU", run.device, decoder.refused_batches, decoder.on_cpu)  # fmt: skip
     finally:
         batches.close()  # stops the workers now, whether the run ended, broke off or failed
         if writer is not None:

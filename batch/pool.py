@@ -11,7 +11,9 @@ row naming how (`decoder crashed: killed by SIGSEGV ...`), the worker's unfinish
 fresh worker without it, and nothing else in the run notices. A worker that spends longer than the
 timeout on one file (a codec in an endless loop) is killed the same way: `decoder hung: ...`. Pixels never travel through the pipe:
 the worker writes them into its slot of memory shared with the main process (anonymous, not a file in
-/dev/shm) and sends the per-file outcomes (errors, sizes) alone.
+/dev/shm) and sends the per-file outcomes (errors, sizes) alone. With `jpeg_bytes` (--decode gpu), a
+second slot of that many bytes per batch holds the checked JPEGs the device decodes; a file that does
+not fit in what is left of it is decoded by the worker.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ DEATHS_BETWEEN_FILES = 3  # a worker that keeps dying while on no file is a brok
 
 @dataclass
 class Batch:
+    """Valid until the next batch is asked for: its pixels and JPEG bytes lie in a worker's slots."""
+
     items: list[Decoded]  # every file of the batch, in order; pixels travel in `pixels` only
-    pixels: torch.Tensor | None  # uint8 (n_good, h, w, 3), the good items in order; valid until the next batch is asked for
+    pixels: torch.Tensor | None  # uint8 (n, h, w, 3), the items decoded by the workers, in order
 
 
 @dataclass
@@ -79,8 +83,9 @@ class DecodePool:
 
     def __init__(self, paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool,
                  timeout: float = 300.0, members: dict[str, Found] | None = None,
-                 retries: int = transient.DEFAULT_RETRIES):  # fmt: skip
+                 retries: int = transient.DEFAULT_RETRIES, jpeg_bytes: int = 0):  # fmt: skip
         self.paths, self.preprocess, self.pin, self.timeout = paths, preprocess, pin, timeout
+        self.jpeg_bytes = jpeg_bytes  # room per batch for JPEGs left to the device; 0: the workers decode all
         self.retries = retries  # of a read that fails for a moment (batch.transient)
         self.members = members or {}  # where the packed inputs lie; the workers inherit it
         self.batch_size, self.count = batch_size, math.ceil(len(paths) / batch_size)
@@ -88,7 +93,10 @@ class DecodePool:
         # Anonymous shared memory, inherited by every worker forked later: no file in /dev/shm, whose
         # size a container caps at 64 MB and which answers an overfull write with SIGBUS.
         self.memory = mmap.mmap(-1, max(math.prod(shape), 1))
-        self.slots = torch.frombuffer(self.memory, dtype=torch.uint8, count=math.prod(shape)).view(shape)
+        self.slots = torch.frombuffer(self.memory, dtype=torch.uint8)[: math.prod(shape)].view(shape)
+        jpeg_shape = (workers, SLOTS, jpeg_bytes)
+        self.jpeg_memory = mmap.mmap(-1, max(math.prod(jpeg_shape), 1))  # touched only as far as filled
+        self.jpegs = np.ndarray(jpeg_shape, dtype=np.uint8, buffer=self.jpeg_memory)
         self.page_locked = pin and workers > 0 and page_lock(self.slots)
         self.current = multiprocessing.get_context("fork").Array("q", [IDLE] * workers, lock=False)
         self.since = multiprocessing.get_context("fork").Array("d", workers, lock=False)  # when it began that file
@@ -106,7 +114,11 @@ class DecodePool:
             return
         for _ in range(self.count):
             place, task, items = self._next_answer()
-            good = int(sum(item.error is None for item in items))
+            good = int(sum(item.error is None and item.jpeg_span is None for item in items))
+            for item in items:
+                if item.jpeg_span is not None:
+                    start, stop = item.jpeg_span
+                    item.jpeg, item.jpeg_span = self.jpegs[place, task.slot, start:stop], None
             pixels = self.slots[place, task.slot, :good] if good else None
             if pixels is not None and self.pin and not self.page_locked:
                 pixels = pixels.pin_memory()  # a copy: the slot is free at once
@@ -118,8 +130,11 @@ class DecodePool:
 
     def _decode_here(self) -> Iterator[Batch]:
         for number in range(self.count):
-            items = [_decode(index, self.paths, self.members, self.preprocess, self.retries)
-                     for index in self._indices(number)]
+            items, room = [], self.jpeg_bytes
+            for index in self._indices(number):
+                items.append(decode(index, self.paths[index], self.preprocess, self.members.get(self.paths[index]),
+                                    self.retries, jpeg_room=room))  # fmt: skip
+                room -= len(items[-1].jpeg) if items[-1].jpeg is not None else 0
             good = [item.pixels for item in items if item.pixels is not None]
             for item in items:
                 item.pixels = None
@@ -233,8 +248,8 @@ class DecodePool:
     def _start(self, number: int, tasks: list[_Task]) -> _Worker:
         ours, theirs = multiprocessing.get_context("fork").Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=_work, args=(number, theirs, self.slots[number], self.current, self.since, self.paths, self.members,
-                  self.preprocess, self.retries),
+            target=_work, args=(number, theirs, self.slots[number], self.jpegs[number], self.current, self.since,
+                  self.paths, self.members, self.preprocess, self.retries),
             name=f"batch-decode-{number}", daemon=True,
         )  # fmt: skip
         process.start()
@@ -249,9 +264,10 @@ class DecodePool:
             pass  # died already: `_next_answer` sees the sentinel and resends to its successor
 
 
-def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any, since: Any, paths: list[str],
-          members: dict[str, Found], preprocess: Preprocess, retries: int) -> None:  # fmt: skip
-    """A worker's life: decode the files of each batch it is sent into its slot, answer, repeat."""
+def _work(number: int, connection: Connection, slots: torch.Tensor, jpegs: np.ndarray, current: Any, since: Any,
+          paths: list[str], members: dict[str, Found], preprocess: Preprocess, retries: int) -> None:  # fmt: skip
+    """A worker's life: decode the files of each batch it is sent into its slot (or copy the JPEGs left to
+    the device into its JPEG slot), answer, repeat."""
     ignore_stop_signals()
     torch.set_num_threads(1)
     parent = os.getppid()
@@ -272,15 +288,20 @@ def _work(number: int, connection: Connection, slots: torch.Tensor, current: Any
         if task is None:
             return
         slot, indices = task
-        items, good = [], 0
+        items, good, used = [], 0, 0
         for index in indices:
             since[number] = time.monotonic()  # before `current`: the main process reads them the other way round
             current[number] = index
-            item = decode(index, paths[index], preprocess, members.get(paths[index]), retries, sleep_off_the_clock)
+            item = decode(index, paths[index], preprocess, members.get(paths[index]), retries, sleep_off_the_clock,
+                          jpeg_room=jpegs.shape[-1] - used)  # fmt: skip
             if item.pixels is not None:
                 slots[slot, good].numpy()[...] = item.pixels
                 item.pixels = None
                 good += 1
+            if item.jpeg is not None:
+                end = used + len(item.jpeg)
+                jpegs[slot, used:end] = item.jpeg
+                item.jpeg, item.jpeg_span, used = None, (used, end), end
             items.append(item)
         current[number] = IDLE
         connection.send((slot, items))

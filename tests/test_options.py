@@ -34,6 +34,7 @@ CLASSIFY = [  # arguments beyond the base, and what they change
     (["--workers", "3"], {"workers": 3}),
     (["--device", "cuda:5"], {"device": "cuda:5"}),
     (["--precision", "fp16"], {"precision": "fp16"}),
+    (["--decode", "gpu"], {"decode": "gpu"}),
     (["--num-shards", "9", "--shard-index", "4"], {"shard": Shard(4, 9)}),
     (["--embeddings"], {"embeddings": True}),
     (["--overwrite"], {"overwrite": True}),

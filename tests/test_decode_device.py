@@ -1,0 +1,146 @@
+"""--decode gpu without a GPU: torchvision's batched `decode_jpeg` takes the same call on the CPU, so the
+whole path runs here (bytes in the workers' shared slots, a batch refused whole, the file-by-file retry,
+the CPU decoder for a file refused alone, orientation, crop, the order of rows); only nvJPEG waits for a
+GPU (benchmarks/gpu-check.sh)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batch.decode import Decoded, Preprocess, decode
+from batch.decode_device import DecodeError, DeviceDecoder, choose, in_parts
+from batch.pool import DecodePool
+from benchmarks.reference import open_rgb, reference_crop
+from tests import images
+from tests.conftest import FAST, read_rows, run_batch
+from tests.test_decode import save_oriented
+
+PREPROCESS = Preprocess(resize=256, crop=224)
+CPU = torch.device("cpu")
+
+
+def bogus_huffman_table(path: Path) -> None:
+    """A JPEG whose header Pillow reads and which ends as a JPEG ends, but whose Huffman table no decoder
+    accepts: the workers hand it over, the device's decoder refuses it, and so does the CPU's."""
+    encoded = io.BytesIO()
+    images.photo().save(encoded, "JPEG")
+    data = bytearray(encoded.getvalue())
+    table = data.find(b"\xff\xc4")
+    data[table + 5 : table + 21] = b"\xff" * 16  # more codes of each length than there can be
+    path.write_bytes(bytes(data))
+
+
+def batches(paths: list[Path], jpeg_bytes: int = 1 << 24, workers: int = 2, batch_size: int = 4):
+    """What the pipeline does with each batch: the pool's items, and the crops the decoder makes of them."""
+    decoder = DeviceDecoder(PREPROCESS, CPU)
+    pool = DecodePool([str(path) for path in paths], PREPROCESS, batch_size, workers, pin=False, jpeg_bytes=jpeg_bytes)
+    try:
+        for batch in pool:
+            left = {item.index for item in batch.items if item.jpeg is not None}
+            yield batch.items, decoder.crops(batch), left, decoder
+    finally:
+        pool.close()
+
+
+def difference(crop: torch.Tensor, path: Path) -> float:
+    expected = np.asarray(reference_crop(PREPROCESS)(open_rgb(str(path))), np.float32)
+    return float(np.abs(crop.numpy().astype(np.float32) - expected).mean())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpegs_are_decoded_by_the_device_upright_and_cropped_as_the_reference_does(tmp_path, workers):
+    paths = []
+    for orientation in range(1, 9):
+        paths.append(tmp_path / f"oriented-{orientation}.jpg")
+        save_oriented(images.photo().resize((300, 200)), paths[-1], orientation)
+    for name in ("grey.jpg", "progressive.jpg", "camera.jpg", "cmyk.jpg", "scan.tiff"):
+        paths += images.write_all(tmp_path, {name: images.GOOD[name]})
+    seen, left = [], set()
+    for items, crops, on_device, _decoder in batches(paths, workers=workers):
+        assert len(crops) == len(items) and all(item.error is None for item in items)
+        left |= on_device
+        for item, crop in zip(items, crops):
+            path = paths[item.index]
+            assert (item.width, item.height) == open_rgb(str(path)).size, path.name
+            # The device decodes whole pictures and resizes as the reference does: all but exact.
+            assert difference(crop, path) < (0.5 if item.index in on_device else 2), path.name
+            seen.append(item.index)
+    assert seen == list(range(len(paths)))
+    assert left == set(range(len(paths) - 2)), "every JPEG but CMYK went to the device, and no TIFF"
+
+
+def test_a_batch_the_decoder_refuses_is_redone_file_by_file_and_its_bad_file_gets_the_cpu_row(tmp_path):
+    paths = images.write_all(tmp_path, {name: images.GOOD[name] for name in ("grey.jpg", "progressive.jpg", "scan.tiff")})
+    bogus_huffman_table(tmp_path / "bogus.jpg")
+    paths.insert(1, tmp_path / "bogus.jpg")
+    [(items, crops, left, decoder)] = list(batches(paths))
+    assert left == {0, 1, 2} and decoder.refused_batches == 1 and decoder.on_cpu == 1
+    assert [item.index for item in items] == [0, 1, 2, 3]
+    cpu_row = decode(1, str(paths[1]), PREPROCESS)
+    assert items[1].error == cpu_row.error and cpu_row.error.startswith("truncated")
+    assert len(crops) == 3
+    for crop, index in zip(crops, (0, 2, 3)):
+        assert difference(crop, paths[index]) < 0.5
+
+
+def test_a_jpeg_that_does_not_fit_the_slot_is_decoded_by_its_worker(tmp_path):
+    paths = images.write_all(tmp_path, {name: images.GOOD[name] for name in ("grey.jpg", "camera.jpg")})
+    small = paths[0].stat().st_size
+    [(items, crops, left, _decoder)] = list(batches(paths, jpeg_bytes=small + 10))
+    assert left == {0} and len(crops) == 2
+    assert difference(crops[1], paths[1]) < 2  # the worker's crop, decoded at reduced scale
+
+
+def test_classify_on_the_device_gives_every_row_that_cpu_decoding_gives(tmp_path, awkward_folder, photos):
+    bogus_huffman_table(tmp_path / "bogus.jpg")
+    sources = [awkward_folder, photos, tmp_path / "bogus.jpg"]
+    rows = {}
+    for where in ("cpu", "gpu"):
+        result = run_batch("classify", *sources, "-o", tmp_path / where, "--decode", where, "--batch-size", "4",
+                           "--workers", "2")  # fmt: skip
+        rows[where] = {row["path"]: row for row in read_rows(tmp_path / where)}
+    assert "JPEGs are decoded by torchvision in the main process" in result.stderr
+    assert "refused 1 batches whole and 1 files alone" in result.stderr
+    assert rows["gpu"].keys() == rows["cpu"].keys()
+    for path, cpu in rows["cpu"].items():
+        gpu = rows["gpu"][path]
+        assert (gpu["error"], gpu["width"], gpu["height"]) == (cpu["error"], cpu["width"], cpu["height"]), path
+        assert gpu["label"] == cpu["label"], path
+    assert sum(row["error"] is None for row in rows["cpu"].values()) >= 18
+
+
+def test_decoding_on_the_device_is_part_of_an_outputs_identity(tmp_path, photos):
+    run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--decode", "gpu")
+    refused = run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--decode", "cpu", check=False)
+    assert refused.returncode != 0 and "decode" in refused.stderr
+    again = run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--decode", "gpu")
+    assert "nothing to classify" in again.stderr
+    auto = run_batch("classify", photos, "-o", tmp_path / "auto", *FAST, "--decode", "auto")
+    assert "--decode auto: the workers decode on the CPU (no GPU)" in auto.stderr
+
+
+def test_a_batch_of_camera_pictures_is_decoded_in_parts_that_fit_the_device():
+    camera = [Decoded(index, width=4000, height=3000, jpeg=np.zeros(1, np.uint8)) for index in range(50)]
+    parts = in_parts([Decoded(50, width=30_000, height=10_000), *camera])
+    assert [len(part) for part in parts] == [1, 22, 22, 6]  # 300 Mpx alone, then 22 x 12 Mpx to a call
+    assert [item.index for part in parts for item in part] == [50, *range(50)]
+
+
+class OwnCut(Preprocess):
+    """As model_hf.ProcessorPreprocess: a library's own preprocessing, run by the workers."""
+
+    def cut(self, image, full_size, reduction):
+        return super().cut(image, full_size, reduction)
+
+
+def test_a_model_that_preprocesses_itself_keeps_decoding_on_the_cpu():
+    own = OwnCut(resize=256, crop=224)
+    assert choose("auto", CPU, own) == "cpu" and choose("cpu", CPU, own) == "cpu"
+    with pytest.raises(DecodeError, match="--decode gpu needs the resize-and-crop preprocessing"):
+        choose("gpu", CPU, own)
+    assert choose("gpu", CPU, PREPROCESS) == "gpu"
