@@ -2,7 +2,9 @@
 
 Each stage is timed alone (read, decode+preprocess on one core, model, write), then the real
 pipeline end to end, on the same files. The ratio of the model's speed to one core's decoding speed
-says how many CPUs keep one GPU busy. Comparing with other programs is for `benchmarks/`.
+says how many CPUs keep one GPU busy. So for --decode gpu do two more stages: what a worker does then
+(open, check, read the bytes: one core) and the device's decoding. Comparing with other programs is
+for `benchmarks/`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -23,16 +25,19 @@ from PIL import Image
 
 from batch import models, sources
 from batch.decode import Decoded, Preprocess, decode
+from batch.decode_device import DeviceDecoder
 from batch.environment import JobEnvironment
 from batch.devices import choose_device, choose_precision, probe
 from batch.inference import IN_FLIGHT, Classifier, Pending, Predictions
 from batch.paths import readable
 from batch.pipeline import ClassifyOptions, default_batch_size, execute, plan
+from batch.pool import Batch
 from batch.stopping import StopRequest
 from batch.weights import DEFAULT_WEIGHTS
 from batch.writer import ChunkWriter, RowBuilder
 
 MIN_SECONDS = 2.0  # repeat the synthetic stages at least this long
+ANY_SIZE = 1 << 30  # room for a JPEG of any size, when only the speed of checking it is asked
 SENSOR_NOISE = 4.0  # standard deviation, 0-255 scale: gives generated JPEGs a camera's file size
 JPEG_QUALITY = 90
 
@@ -157,6 +162,33 @@ def time_decode(paths: Sequence[str], spec: models.ModelSpec) -> tuple[Measure, 
     return Measure("decode+preprocess", len(paths), seconds, note), good
 
 
+def time_check(paths: Sequence[str], spec: models.ModelSpec) -> tuple[Measure, list[Decoded]]:
+    """One core's speed at a worker's part of --decode gpu, and the JPEGs it leaves to the device."""
+    started = time.perf_counter()
+    checked = [decode(index, path, spec.preprocess, jpeg_room=ANY_SIZE) for index, path in enumerate(paths)]
+    seconds = time.perf_counter() - started
+    left = [item for item in checked if item.jpeg is not None]
+    note = f"one core: open, check, read; {len(left)} of {len(paths)} JPEGs left to the device"
+    return Measure("check for --decode gpu", len(paths), seconds, note), left
+
+
+def time_device_decode(left: Sequence[Decoded], spec: models.ModelSpec, device: torch.device, batch_size: int) -> Measure:
+    """The device's speed at decoding, turning upright, resizing and cropping batches of those JPEGs."""
+    decoder = DeviceDecoder(spec.preprocess, device)
+
+    def all_batches() -> int:
+        for start in range(0, len(left), batch_size):
+            decoder.crops(Batch([replace(item) for item in left[start : start + batch_size]], None))  # it lets go of the bytes
+        return len(left)
+
+    def finish() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    items, seconds = _repeat(all_batches, finish)
+    return Measure("decode+preprocess on device", items, seconds, f"{device}, torchvision decode_jpeg, batch {batch_size}")
+
+
 def _repeat(work: Callable[[], int], finish: Callable[[], object] = lambda: None) -> tuple[int, float]:
     """Run `work` once to warm up, then until MIN_SECONDS have passed, then `finish` what it left
     under way; items done and seconds."""
@@ -250,10 +282,15 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> It
         folder = Path(scratch)
         yield "stages, each alone:"
         read, (decoded, paths) = time_read(paths), time_decode(paths, spec)
+        checked, left = time_check(paths, spec)
+        on_device = time_device_decode(left, spec, device, batch_size) if left else None
         model = time_model(classifier, spec, batch_size)
-        for measure in (read, decoded, model, time_write(spec, batch_size, folder)):
-            yield measure.line()
+        for measure in (read, decoded, checked, on_device, model, time_write(spec, batch_size, folder)):
+            if measure is not None:
+                yield measure.line()
         yield "together, in this process (start-up excluded):"
         list_file = write_file_list(paths, folder / "files.txt")
         yield time_end_to_end(list_file, len(paths), options, folder / "end-to-end").line()
         yield "suggestion: " + suggest_cpus(decoded, model, device)
+        if on_device is not None and device.type == "cuda":
+            yield "with --decode gpu: " + suggest_cpus(checked, min(model, on_device, key=lambda measure: measure.rate), device)
