@@ -144,3 +144,10 @@ def test_a_model_that_preprocesses_itself_keeps_decoding_on_the_cpu():
     with pytest.raises(DecodeError, match="--decode gpu needs the resize-and-crop preprocessing"):
         choose("gpu", CPU, own)
     assert choose("gpu", CPU, PREPROCESS) == "gpu"
+
+
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
+def test_no_workers_decode_in_the_main_process(tmp_path, photos, where):
+    run_batch("classify", photos, "-o", tmp_path / "out", *FAST, "--workers", "0", "--decode", where)
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 3 and all(row["error"] is None for row in rows)
