@@ -1,8 +1,9 @@
-"""Top-1 agreement of `batch classify` on a device, in each precision, with the reference: the naive
-loop of `peers.py` on the CPU in fp32 (a full decode, the reference transforms, the network as built).
+"""Top-1 agreement of `batch classify` on a device, in each precision (and with each place it decodes
+JPEGs), with the reference: the naive loop of `peers.py` on the CPU in fp32 (a full decode, the
+reference transforms, the network as built).
 
 Run from the repository root, as `python -m benchmarks.agreement SOURCE... --device cuda --precision bf16 fp16 fp32
-[--model M --weights W]`.
+[--decode cpu gpu] [--model M --weights W]`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from benchmarks.compare import seconds_of, top1_agreement
 GOAL = 0.99
 
 
-def run(given: Sequence[str], model: str, weights: str, device: str, precisions: Sequence[str]) -> Iterator[str]:
-    """The report, line by line: the reference's time, then each precision's agreement with it."""
+def run(given: Sequence[str], model: str, weights: str, device: str, precisions: Sequence[str],
+        decodes: Sequence[str] = ("cpu",)) -> Iterator[str]:  # fmt: skip
+    """The report, line by line: the reference's time, then each precision's (and decoder's) agreement with it."""
     spec = models.resolve(model, weights)
     if spec.untrained:
         raise ValueError("agreement needs trained weights: untrained answers agree by chance only")
@@ -40,14 +42,16 @@ def run(given: Sequence[str], model: str, weights: str, device: str, precisions:
                               *model_options, "--device", "cpu", "--precision", "fp32"])  # fmt: skip
         yield f"  reference (naive loop, cpu, fp32): {seconds:.1f} s"
         for precision in precisions:
-            output = folder / precision
-            seconds = seconds_of([sys.executable, "-m", "batch", "classify", f"@{files}", "-o", str(output), *model_options,
-                                  "--device", device, "--precision", precision])  # fmt: skip
-            same, total = top1_agreement(output, reference)
-            share = same / max(total, 1)
-            verdict = "met" if share >= GOAL else "NOT MET"
-            yield (f"  {precision}: top-1 {same} of {total} ({100 * share:.2f}%; goal {100 * GOAL:.0f}%: {verdict}), "
-                   f"batch classify {seconds:.1f} s")  # fmt: skip
+            for decode in decodes:
+                output = folder / f"{precision}-{decode}"
+                seconds = seconds_of([sys.executable, "-m", "batch", "classify", f"@{files}", "-o", str(output),
+                                      *model_options, "--device", device, "--precision", precision, "--decode", decode])  # fmt: skip
+                same, total = top1_agreement(output, reference)
+                share = same / max(total, 1)
+                verdict = "met" if share >= GOAL else "NOT MET"
+                name = precision if decode == "cpu" else f"{precision}, --decode {decode}"
+                yield (f"  {name}: top-1 {same} of {total} ({100 * share:.2f}%; goal {100 * GOAL:.0f}%: {verdict}), "
+                       f"batch classify {seconds:.1f} s")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,9 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     described.add_argument("--weights", default=DEFAULT_WEIGHTS)
     described.add_argument("--device", default="cuda", help="where batch classify runs")
     described.add_argument("--precision", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(PRECISIONS))
+    described.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "gpu"],
+                           help="batch classify once for each: where it decodes JPEGs")  # fmt: skip
     arguments = described.parse_args(argv)
     try:
-        for line in run(arguments.sources, arguments.model, arguments.weights, arguments.device, arguments.precision):
+        for line in run(arguments.sources, arguments.model, arguments.weights, arguments.device, arguments.precision,
+                        arguments.decode):  # fmt: skip
             print(line, flush=True)
     except ValueError as error:
         described.error(str(error))

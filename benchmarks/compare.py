@@ -4,6 +4,7 @@ Each runs on all the files and on the first alone: the difference splits its tim
 the rate after it, which tasks with many more files approach. All run on one device in one precision.
 `--agreement` checks that batch's top-1 classes are the naive peer's, whose preprocessing is the
 model's reference (`reference.py`), on the CPU in fp32; `benchmarks.agreement` checks other devices.
+`--decode cpu gpu` times `batch classify` once for each place it decodes JPEGs.
 
 Run from the repository root, as `python -m benchmarks.compare SOURCE... [--model M --weights W] [--agreement]`
 (see `python -m benchmarks.compare --help`).
@@ -31,6 +32,7 @@ from benchmarks import peers
 
 MIN_SECONDS_PAST_STARTUP = 0.5  # of the start-up time: below that, its variation swamps the rest
 CLASSIFY = "batch classify"
+PEER = " (peer)"
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,9 @@ class ProcessTime:
 Command = Callable[[Path, str], list[str]]  # a file list and a tag for its output -> the command line
 
 
-def contenders(options: BenchOptions, folder: Path) -> dict[str, Command]:
-    """The peers, then `batch classify` with the options given for it; the device and precision are
-    the same for all (as `batch classify` resolves them)."""
+def contenders(options: BenchOptions, folder: Path, decodes: Sequence[str] = ("cpu",)) -> dict[str, Command]:
+    """The peers, then `batch classify` with the options given for it, once for each of `decodes`; the
+    device and precision are the same for all (as `batch classify` resolves them)."""
     model = ["--model", options.model, "--weights", options.weights]
     where = ["--device", options.device, "--precision", options.precision]
     named = {"--batch-size": options.batch_size, "--workers": options.workers}
@@ -76,18 +78,30 @@ def contenders(options: BenchOptions, folder: Path) -> dict[str, Command]:
             *where,
         ]  # fmt: skip
 
-    def classify(files: Path, tag: str) -> list[str]:
-        output = str(folder / f"classify-{tag}")
-        return [sys.executable, "-m", "batch", "classify", f"@{files}", "-o", output, *model, *passed_on]
+    def classify(decode: str) -> Command:
+        return lambda files, tag: [
+            sys.executable, "-m", "batch", "classify", f"@{files}", "-o", str(classify_output(folder, decode, tag)),
+            *model, *passed_on, "--decode", decode,
+        ]  # fmt: skip
 
-    return {**{f"{name} (peer)": peer(name) for name in peers.PEERS}, CLASSIFY: classify}
+    return {**{f"{name}{PEER}": peer(name) for name in peers.PEERS},
+            **{classify_name(decode): classify(decode) for decode in decodes}}  # fmt: skip
+
+
+def classify_name(decode: str) -> str:
+    return CLASSIFY if decode == "cpu" else f"{CLASSIFY} --decode {decode}"
+
+
+def classify_output(folder: Path, decode: str, tag: str) -> Path:
+    return folder / f"classify-{decode}-{tag}"
 
 
 def peer_output(folder: Path, name: str, tag: str) -> Path:
     return folder / f"{name}-{tag}.parquet"
 
 
-def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path, peer_files: int | None = None) -> list[ProcessTime]:
+def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path, peer_files: int | None = None,
+                   decodes: Sequence[str] = ("cpu",)) -> list[ProcessTime]:  # fmt: skip
     """Each contender as its own process, timed from start to its Parquet written, on the first file
     alone and then on all of them (the peers on the first `peer_files`, where given: the naive loop
     decodes on one core). They run in this process's environment: the user's."""
@@ -95,8 +109,9 @@ def time_processes(paths: Sequence[str], options: BenchOptions, folder: Path, pe
     list_file = write_file_list(paths, folder / "files.txt")
     peer_list = write_file_list(paths[:peer_files], folder / "peer-files.txt") if peer_files else list_file
     times = []
-    for name, command in contenders(options, folder).items():
-        files, count = (list_file, len(paths)) if name == CLASSIFY else (peer_list, len(paths[:peer_files or None]))
+    for name, command in contenders(options, folder, decodes).items():
+        ours = not name.endswith(PEER)
+        files, count = (list_file, len(paths)) if ours else (peer_list, len(paths[:peer_files or None]))
         startup = seconds_of(command(first_file, "first"))
         times.append(ProcessTime(name, count, seconds_of(command(files, "all")), startup))
     return times
@@ -119,7 +134,8 @@ def top1_agreement(ours: Path, reference: Path) -> tuple[int, int]:
     return sum(row["topk_ids"][0] == expected[row["path"]] for row in rows), len(rows)
 
 
-def run(given: Sequence[str], options: BenchOptions, agreement: bool, peer_files: int | None = None) -> Iterator[str]:
+def run(given: Sequence[str], options: BenchOptions, agreement: bool, peer_files: int | None = None,
+        decodes: Sequence[str] = ("cpu",)) -> Iterator[str]:  # fmt: skip
     """The report, line by line, as each measurement finishes."""
     spec = models.resolve(options.model, options.weights)
     device = choose_device(options.device, JobEnvironment())
@@ -136,18 +152,21 @@ def run(given: Sequence[str], options: BenchOptions, agreement: bool, peer_files
     with tempfile.TemporaryDirectory(prefix="benchmarks-compare-") as scratch:
         folder = Path(scratch)
         yield "whole processes, start to Parquet written (start-up: the same command on the first file alone):"
-        *others, ours = time_processes(paths, options, folder, peer_files)
-        for measure in (*others, ours):
+        times = time_processes(paths, options, folder, peer_files, decodes)
+        for measure in times:
             yield measure.line()
+        others = [measure for measure in times if measure.name.endswith(PEER)]
         best = max(others, key=lambda measure: measure.rate_after_startup or measure.rate)
-        if not peer_files:  # else the whole-process rates are of different counts, start-up amortised unlike
-            yield f"  {CLASSIFY} is {ours.rate / best.rate:.2f}x the better peer ({best.name})"
-        if ours.rate_after_startup and best.rate_after_startup:
-            after = ours.rate_after_startup / best.rate_after_startup
-            yield f"  after start-up {after:.2f}x: the ratio that tasks with many more files approach"
-        if agreement:
-            same, total = top1_agreement(folder / "classify-all", peer_output(folder, "naive", "all"))
-            yield f"top-1 agreement with the reference preprocessing: {same} of {total} ({100 * same / max(total, 1):.2f}%)"
+        for ours in times[len(others) :]:
+            if not peer_files:  # else the whole-process rates are of different counts, start-up amortised unlike
+                yield f"  {ours.name} is {ours.rate / best.rate:.2f}x the better peer ({best.name})"
+            if ours.rate_after_startup and best.rate_after_startup:
+                after = ours.rate_after_startup / best.rate_after_startup
+                yield f"  after start-up {after:.2f}x: the ratio that tasks with many more files approach"
+        for decode in decodes if agreement else ():
+            same, total = top1_agreement(classify_output(folder, decode, "all"), peer_output(folder, "naive", "all"))
+            yield (f"top-1 agreement{'' if decode == 'cpu' else f' of --decode {decode}'} with the reference "
+                   f"preprocessing: {same} of {total} ({100 * same / max(total, 1):.2f}%)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,13 +180,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     described.add_argument("--workers", type=int, help="for batch classify; the DataLoader peer takes one per CPU")
     described.add_argument("--peer-files", type=int, help="the peers classify only the first N files (rates compare)")
     described.add_argument("--agreement", action="store_true", help="also check batch's top-1 against the naive peer's")
+    described.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "gpu"],
+                           help="batch classify once for each: where it decodes JPEGs")  # fmt: skip
     arguments = described.parse_args(argv)
     options = BenchOptions(
         model=arguments.model, weights=arguments.weights, device=arguments.device, precision=arguments.precision,
         batch_size=arguments.batch_size, workers=arguments.workers,
     )  # fmt: skip
     try:
-        for line in run(arguments.sources, options, arguments.agreement, arguments.peer_files):
+        for line in run(arguments.sources, options, arguments.agreement, arguments.peer_files, arguments.decode):
             print(line, flush=True)
     except ValueError as error:
         described.error(str(error))

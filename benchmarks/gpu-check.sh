@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU node shows about batch, in one call of about five minutes on one H100 or H200 with
-# 16 cores, most telling first: batch doctor; ResNet-50 (untrained) from ImageNet-sized JPEGs to Parquet
-# against the model alone and both peers on the same GPU; top-1 agreement in bf16, fp16 and fp32 with
-# the CPU's fp32 reference; the GPU tests and the part of the suite a GPU changes; the default model;
-# a timm, a Hugging Face and a zero-shot OpenCLIP model; camera-sized JPEGs. It writes OUT/report.md (each command, what it printed, its time) and
+# 16 cores, most telling first: batch doctor; ResNet-50 (untrained) from ImageNet-sized JPEGs to Parquet,
+# decoded by the CPUs and by the GPU, against the model alone and both peers on the same GPU; top-1
+# agreement in bf16, fp16 and fp32 (and of GPU decoding) with the CPU's fp32 reference; the GPU tests
+# and the part of the suite a GPU changes; the default model; a timm, a Hugging Face and a zero-shot
+# OpenCLIP model; camera-sized JPEGs, and their agreement with GPU decoding. It writes OUT/report.md (each command, what it printed, its time) and
 # OUT/steps.log (everything); a step that fails is reported and the next one runs. A time limit that
 # cuts it short leaves the report of the steps done.
 #
@@ -80,10 +81,11 @@ find "$pictures/small" -name '*.jpg' | sort | head -n "$peer_files" >"$pictures/
 step "ResNet-50 stages and suggested CPUs" 180 "$python" -m batch bench "@$pictures/sample.txt" --device "$device" \
     "${resnet[@]}" --batch-size "$batch_size"
 step "ResNet-50 end to end, ImageNet-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/small" \
-    "${resnet[@]}" --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files "$peer_files"
+    "${resnet[@]}" --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files "$peer_files" \
+    --decode cpu gpu
 make_pictures agreement "$([[ -n $tiny ]] && echo 6 || echo 600)" 500
 step "agreement with the CPU's fp32 reference" 300 "$python" -m benchmarks.agreement "$pictures/agreement" \
-    --device "$device" --precision "${precisions[@]}"
+    --device "$device" --precision "${precisions[@]}" --decode cpu gpu
 if [[ -z $tiny ]]; then
     workers=$(($(nproc) > 12 ? 12 : $(nproc)))
     step "tests: GPU and what a GPU changes" 300 "$python" -m pytest -q -p no:cacheprovider -n "$workers" tests/test_gpu.py \
@@ -98,16 +100,25 @@ step "model families: timm, Hugging Face, OpenCLIP, end to end" 300 "$python" -m
     --device "$device" --precision "$precision" --batch-size "$batch_size" ${tiny:+--tiny}
 make_pictures camera "$camera" 2000-4000
 step "ResNet-50 end to end, camera-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/camera" \
-    "${resnet[@]}" --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files $((peer_files / 10 + 1))
+    "${resnet[@]}" --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files $((peer_files / 10 + 1)) \
+    --decode cpu gpu
+find "$pictures/camera" -name '*.jpg' | sort | head -n "$([[ -n $tiny ]] && echo 4 || echo 200)" >"$pictures/camera.txt"
+step "agreement of GPU decoding, camera-sized" 300 "$python" -m benchmarks.agreement "@$pictures/camera.txt" \
+    --device "$device" --precision "$precision" --decode cpu gpu
 
-# The headline: ResNet-50 end to end (after start-up) as a share of the model alone, both from above.
+# The headline: ResNet-50 end to end (after start-up), decoded by the CPUs and by the GPU, as a share of
+# the model alone, all from above.
 model=$(sed -n '/^## ResNet-50 stages/,/^## /s/^  model  *\([0-9.]*\) images\/s.*/\1/p' "$report")
-whole=$(sed -n '/^## ResNet-50 end to end, ImageNet/,/^## /s/^  batch classify .*then \([0-9.]*\) images\/s.*/\1/p' "$report")
-if [[ -n $model && -n $whole ]]; then
-    awk -v model="$model" -v whole="$whole" -v device="$device" 'BEGIN {
-        printf "\nResNet-50 on %s from ImageNet-sized JPEGs: %.0f images/s end to end after start-up, %.0f%% of the model alone (%.0f images/s)\n",
-            device, whole, 100 * whole / model, model }' | tee -a "$report"
-fi
+for size in ImageNet camera; do
+    for decode in cpu gpu; do
+        name=$([[ $decode == cpu ]] && echo "batch classify " || echo "batch classify --decode gpu ")
+        whole=$(sed -n "/^## ResNet-50 end to end, $size/,/^## /s/^  $name *[0-9].*then \\([0-9.]*\\) images\\/s.*/\\1/p" "$report")
+        [[ -n $model && -n $whole ]] || continue
+        awk -v model="$model" -v whole="$whole" -v device="$device" -v size="$size" -v decode="$decode" 'BEGIN {
+            printf "\nResNet-50 on %s from %s-sized JPEGs, %s decoding: %.0f images/s end to end after start-up, %.0f%% of the model alone (%.0f images/s)\n",
+                device, size, decode, whole, 100 * whole / model, model }' | tee -a "$report"
+    done
+done
 if ((${#failed[@]})); then
     printf '\nFAILED: %s\n' "$(IFS=';' && echo "${failed[*]}")" | tee -a "$report" >&2
     exit 1

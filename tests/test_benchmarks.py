@@ -81,18 +81,21 @@ def test_compare_refuses_agreement_without_trained_weights(photos, capsys):
 
 def test_compare_times_the_peers_and_batch_and_checks_agreement(photos, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", str(photos), "--agreement", "--workers", "1", "--device", "cpu"],
+        [sys.executable, "-m", "benchmarks.compare", str(photos), "--agreement", "--workers", "1", "--device", "cpu",
+         "--decode", "cpu", "gpu"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = result.stdout
     assert report.startswith(f"compare: 3 images from {photos}; efficientnet_lite0 (") and ") on cpu, fp32, " in report
     after = r"(then [0-9.]+ images/s|too few files to time the rest)"  # three files: usually too few
-    for contender in ("naive (peer)", "dataloader (peer)", "batch classify"):
+    for contender in ("naive (peer)", "dataloader (peer)", "batch classify", "batch classify --decode gpu"):
         line = rf"^  {re.escape(contender)} +[0-9.]+ s +[0-9.]+ images/s  start-up [0-9.]+ s, {after}$"
         assert re.search(line, report, re.MULTILINE), report
-    assert re.search(r"^  batch classify is [0-9.]+x the better peer \((naive|dataloader) \(peer\)\)$", report, re.MULTILINE)
-    assert report.rstrip().endswith("top-1 agreement with the reference preprocessing: 3 of 3 (100.00%)")
+    for ours in ("batch classify", "batch classify --decode gpu"):
+        assert re.search(rf"^  {ours} is [0-9.]+x the better peer \((naive|dataloader) \(peer\)\)$", report, re.MULTILINE)
+    assert report.rstrip().endswith("top-1 agreement with the reference preprocessing: 3 of 3 (100.00%)\n"
+                                    "top-1 agreement of --decode gpu with the reference preprocessing: 3 of 3 (100.00%)")
     assert list(tmp_path.iterdir()) == [], "the outputs must be deleted"
 
 
@@ -140,9 +143,13 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
                      "agreement with the CPU's fp32 reference", "default model stages",
                      "default model end to end, ImageNet-sized, against the peers",
                      "model families: timm, Hugging Face, OpenCLIP, end to end", "pictures: camera",
-                     "ResNet-50 end to end, camera-sized, against the peers"]  # fmt: skip
+                     "ResNet-50 end to end, camera-sized, against the peers",
+                     "agreement of GPU decoding, camera-sized"]  # fmt: skip
     assert len(re.findall(r"^ok in \d+ s$", report, re.MULTILINE)) == len(steps)
     assert re.search(r"^  fp32: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
+    assert re.search(r"^  fp32, --decode gpu: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
+    assert re.search(r"^  fp32, --decode gpu: top-1 4 of 4 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
+    assert re.search(r"^  batch classify --decode gpu +[0-9.]+ s +[0-9.]+ images/s", report, re.MULTILINE)
     assert re.search(r"^  model +[0-9.]+ images/s  cpu, fp32, batch 8", report, re.MULTILINE)
     for family, model in (("timm", "timm:test_resnet"), ("hf", "convnext"), ("clip", "clip")):
         assert re.search(rf"^  {family} +{model} +[0-9.]+ images/s after start-up, .*  24 rows, 0 failed$", report, re.MULTILINE), report
