@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 from batch import models
+from batch.decode_device import DeviceDecoder
 from batch.inference import Classifier
 from batch.pool import DecodePool
 from batch.writer import read_record
 from tests import images
 from tests.conftest import FAST, read_rows, run_batch
 from tests.test_crash_isolation import crashing_file
+from tests.test_decode import save_oriented
+from tests.test_decode_device import PREPROCESS, bogus_huffman_table, difference
 
 pytestmark = pytest.mark.gpu
 
@@ -145,3 +148,41 @@ def test_a_model_file_with_device_constants_runs_on_the_gpu(photos, tmp_path, ki
     result = run_batch("classify", photos, "-o", tmp_path / "out", "--model", path, "--device", "cuda", check=False)
     assert result.returncode == 0, result.stderr
     assert {row["label"] for row in read_rows(tmp_path / "out")} <= {"left", "right"}
+
+
+def test_jpegs_decoded_on_the_gpu_give_the_rows_cpu_decoding_gives(awkward_folder, photos, tmp_path):
+    """nvJPEG itself: every row as with --decode cpu (errors, sizes, labels), a file nvJPEG refuses
+    included; the crops within a level of the reference's."""
+    bogus_huffman_table(tmp_path / "bogus.jpg")
+    rows = {}
+    for where in ("cpu", "gpu"):
+        result = run_batch("classify", awkward_folder, photos, tmp_path / "bogus.jpg", "-o", tmp_path / where,
+                           "--device", "cuda", "--precision", "fp32", "--decode", where, "--workers", "2")  # fmt: skip
+        rows[where] = {row["path"]: row for row in read_rows(tmp_path / where)}
+    assert "JPEGs are decoded on cuda" in result.stderr and "refused" in result.stderr
+    assert rows["cpu"].keys() == rows["gpu"].keys()
+    for path, cpu in rows["cpu"].items():
+        gpu = rows["gpu"][path]
+        assert (gpu["error"], gpu["width"], gpu["height"]) == (cpu["error"], cpu["width"], cpu["height"]), path
+    labels = [(rows["cpu"][path]["label"], rows["gpu"][path]["label"]) for path in rows["cpu"]]
+    assert sum(cpu == gpu for cpu, gpu in labels) >= len(labels) - 1, labels
+    assert record_of(tmp_path / "gpu")["identity"]["decode"] == "gpu"
+
+
+def test_gpu_crops_are_the_reference_crops(tmp_path):
+    paths = []
+    for orientation in range(1, 9):
+        paths.append(tmp_path / f"oriented-{orientation}.jpg")
+        save_oriented(images.photo().resize((300, 200)), paths[-1], orientation)
+    paths += images.write_all(tmp_path, {name: images.GOOD[name] for name in ("grey.jpg", "progressive.jpg", "camera.jpg")})
+    decoder = DeviceDecoder(PREPROCESS, torch.device("cuda"))
+    pool = DecodePool([str(path) for path in paths], PREPROCESS, 4, 2, pin=True, jpeg_bytes=1 << 24)
+    try:
+        for batch in pool:
+            crops = decoder.crops(batch)
+            assert crops.is_cuda and len(crops) == len(batch.items)
+            for item, crop in zip(batch.items, crops.cpu()):
+                assert difference(crop, paths[item.index]) < 1.5, paths[item.index].name  # nvJPEG's IDCT is not libjpeg's
+    finally:
+        pool.close()
+    assert decoder.on_cpu == 0
