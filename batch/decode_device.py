@@ -105,21 +105,14 @@ class DeviceDecoder:
         left = [item for item in batch.items if item.jpeg is not None]
         if not left:
             return batch.pixels
-        decoded = {}
+        ours: dict[int, torch.Tensor | None] = {}  # crops only: each part's whole pictures go as it is cut
         for part in in_parts(left):
-            decoded.update(zip((item.index for item in part), self._decode([item.jpeg for item in part])))
+            for item, image in zip(part, self._decode([item.jpeg for item in part])):
+                ours[item.index] = self._crop(image, item.orientation) if image is not None else self._on_cpu(item)
+                item.jpeg = None  # its bytes lie in a slot the next batch reuses
         from_workers = iter(batch.pixels.to(self.device, non_blocking=True) if batch.pixels is not None else ())
-        crops = []
-        for item in batch.items:
-            if item.jpeg is None:
-                if item.error is None:
-                    crops.append(next(from_workers))
-                continue
-            image = decoded[item.index]
-            crop = self._crop(image, item.orientation) if image is not None else self._on_cpu(item)
-            item.jpeg = None  # its bytes lie in a slot the next batch reuses
-            if crop is not None:
-                crops.append(crop)
+        crops = [ours[item.index] if item.index in ours else next(from_workers) for item in batch.items
+                 if item.error is None]  # fmt: skip
         return torch.stack(crops) if crops else None
 
     def _decode(self, jpegs: list[np.ndarray]) -> list[torch.Tensor | None]:
