@@ -63,6 +63,10 @@ step() {
     printf '```\n%s in %d s\n' "$( ((status)) && echo "FAILED (exit $status)" || echo ok)" $((SECONDS - started)) >>"$report"
 }
 
+# NUMBER: the first NUMBER lines of what comes in, reading it all (head would leave sort a SIGPIPE,
+# which pipefail turns into the end of this script).
+first() { awk -v count="$1" 'NR <= count'; }
+
 # NAME COUNT WIDTH: JPEGs made from crops of the sample photos, as benchmarks/run-benchmarks.sh makes them.
 make_pictures() {
     step "pictures: $1" 300 "$python" -m benchmarks.pictures "$2" --width "$3" --photos tests/data/photos -o "$pictures/$1"
@@ -71,13 +75,13 @@ make_pictures() {
 {
     echo "# gpu-check, $(date -u +%FT%TZ), batch $("$python" -m batch --version | awk '{print $3}'), device $device"
     echo
-    echo "$(nproc) CPUs: $(lscpu | sed -n 's/^Model name: *//p'); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo 'no nvidia-smi')"
+    echo "$(nproc) CPUs: $(lscpu | sed -n 's/^Model name: *//p'); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | first 1 || echo 'no nvidia-smi')"
 } >"$report"
 : >"$log"
 
 step doctor 120 "$python" -m batch doctor
 make_pictures small "$small" 500
-find "$pictures/small" -name '*.jpg' | sort | head -n "$peer_files" >"$pictures/sample.txt"
+find "$pictures/small" -name '*.jpg' | sort | first "$peer_files" >"$pictures/sample.txt"
 step "ResNet-50 stages and suggested CPUs" 180 "$python" -m batch bench "@$pictures/sample.txt" --device "$device" \
     "${resnet[@]}" --batch-size "$batch_size"
 step "ResNet-50 end to end, ImageNet-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/small" \
@@ -102,7 +106,7 @@ make_pictures camera "$camera" 2000-4000
 step "ResNet-50 end to end, camera-sized, against the peers" 300 "$python" -m benchmarks.compare "$pictures/camera" \
     "${resnet[@]}" --device "$device" --precision "$precision" --batch-size "$batch_size" --peer-files $((peer_files / 10 + 1)) \
     --decode cpu gpu
-find "$pictures/camera" -name '*.jpg' | sort | head -n "$([[ -n $tiny ]] && echo 4 || echo 200)" >"$pictures/camera.txt"
+find "$pictures/camera" -name '*.jpg' | sort | first "$([[ -n $tiny ]] && echo 4 || echo 200)" >"$pictures/camera.txt"
 step "agreement of GPU decoding, camera-sized" 300 "$python" -m benchmarks.agreement "@$pictures/camera.txt" \
     --device "$device" --precision "$precision" --decode cpu gpu
 
