@@ -271,9 +271,9 @@ def _stream(run: Plan, todo: list[str], members: dict[str, Found], tally: Tally,
     try:
         classifier = Classifier(run.spec, run.device, run.precision, options.topk, options.embeddings, run.batch_size)
         writer = _Writer(run, todo, members, tally)
-        for batch in batches:
-            pixels = decoder.crops(batch) if decoder is not None else batch.pixels
-            writer.put(batch.items, classifier.submit(pixels) if pixels is not None else None)
+        for ready in batches:
+            pixels = decoder.crops(ready) if decoder is not None else ready.pixels
+            writer.put(ready.items, classifier.submit(pixels) if pixels is not None else None)
             if stop.requested or writer.breached:
                 break
         writer.finish()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from tests.conftest import FAST, read_rows, run_batch
 from tests.faults import fault_env, lock_fault_env, tokens_left
