@@ -86,6 +86,23 @@ def read_rows(output: Path) -> list[dict]:
     return ds.dataset(output, format="parquet").to_table().to_pylist()
 
 
+def by_path(output: Path) -> dict[str, dict]:
+    rows = read_rows(output)
+    assert len(rows) == len({row["path"] for row in rows}), "a path has two rows"
+    return {row["path"]: row for row in rows}
+
+
+def assert_same_rows(reference: Path, output: Path, label_changes: int = 0) -> None:
+    """Two outputs of the same inputs made another way (device, decoder): the same rows, errors and
+    sizes, and the same labels but for at most `label_changes` near-ties."""
+    expected, got = by_path(reference), by_path(output)
+    assert got.keys() == expected.keys()
+    for path, row in expected.items():
+        assert (got[path]["error"], got[path]["width"], got[path]["height"]) == (row["error"], row["width"], row["height"]), path
+    labels = [(row["label"], got[path]["label"]) for path, row in expected.items()]
+    assert sum(before != after for before, after in labels) <= label_changes, labels
+
+
 @pytest.fixture(scope="session")
 def awkward_folder(tmp_path_factory) -> Path:
     """Every awkward image that must classify and every bad file that must get an error row."""

@@ -17,7 +17,7 @@ from batch.decode_device import DecodeError, DeviceDecoder, choose, in_parts
 from batch.pool import DecodePool
 from benchmarks.reference import open_rgb, reference_crop
 from tests import images
-from tests.conftest import FAST, read_rows, run_batch
+from tests.conftest import FAST, assert_same_rows, read_rows, run_batch
 from tests.test_decode import save_oriented
 
 PREPROCESS = Preprocess(resize=256, crop=224)
@@ -99,19 +99,13 @@ def test_a_jpeg_that_does_not_fit_the_slot_is_decoded_by_its_worker(tmp_path):
 def test_classify_on_the_device_gives_every_row_that_cpu_decoding_gives(tmp_path, awkward_folder, photos):
     bogus_huffman_table(tmp_path / "bogus.jpg")
     sources = [awkward_folder, photos, tmp_path / "bogus.jpg"]
-    rows = {}
     for where in ("cpu", "gpu"):
         result = run_batch("classify", *sources, "-o", tmp_path / where, "--decode", where, "--batch-size", "4",
                            "--workers", "2")  # fmt: skip
-        rows[where] = {row["path"]: row for row in read_rows(tmp_path / where)}
     assert "JPEGs are decoded by torchvision in the main process" in result.stderr
     assert "refused 1 batches whole and 1 files alone" in result.stderr
-    assert rows["gpu"].keys() == rows["cpu"].keys()
-    for path, cpu in rows["cpu"].items():
-        gpu = rows["gpu"][path]
-        assert (gpu["error"], gpu["width"], gpu["height"]) == (cpu["error"], cpu["width"], cpu["height"]), path
-        assert gpu["label"] == cpu["label"], path
-    assert sum(row["error"] is None for row in rows["cpu"].values()) >= 18
+    assert_same_rows(tmp_path / "cpu", tmp_path / "gpu")
+    assert sum(row["error"] is None for row in read_rows(tmp_path / "cpu")) >= 18
 
 
 def test_decoding_on_the_device_is_part_of_an_outputs_identity(tmp_path, photos):

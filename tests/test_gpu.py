@@ -19,7 +19,7 @@ from batch.inference import Classifier
 from batch.pool import DecodePool
 from batch.writer import read_record
 from tests import images
-from tests.conftest import FAST, read_rows, run_batch
+from tests.conftest import FAST, assert_same_rows, read_rows, run_batch
 from tests.test_crash_isolation import crashing_file
 from tests.test_decode import save_oriented
 from tests.test_decode_device import PREPROCESS, bogus_huffman_table, difference
@@ -44,17 +44,10 @@ def test_auto_is_the_gpu_in_bf16_where_it_has_bf16_in_hardware(photos, tmp_path)
 
 def test_every_input_of_the_suite_gets_the_same_row_on_the_gpu_as_on_the_cpu(awkward_folder, tmp_path):
     """fp32 on both: the same errors for every bad file, the same sizes, and (TF32 aside) the same labels."""
-    rows = {}
     for device in ("cpu", "cuda"):
         run_batch("classify", awkward_folder, "-o", tmp_path / device, "--device", device, "--precision", "fp32",
                   "--workers", "2")  # fmt: skip
-        rows[device] = {row["path"]: row for row in read_rows(tmp_path / device)}
-    assert rows["cpu"].keys() == rows["cuda"].keys()
-    for path, cpu in rows["cpu"].items():
-        gpu = rows["cuda"][path]
-        assert (gpu["error"], gpu["width"], gpu["height"]) == (cpu["error"], cpu["width"], cpu["height"]), path
-    labels = [(rows["cpu"][path]["label"], rows["cuda"][path]["label"]) for path in rows["cpu"]]
-    assert sum(cpu == gpu for cpu, gpu in labels) >= len(labels) - 1, labels
+    assert_same_rows(tmp_path / "cpu", tmp_path / "cuda", label_changes=1)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
@@ -154,18 +147,11 @@ def test_jpegs_decoded_on_the_gpu_give_the_rows_cpu_decoding_gives(awkward_folde
     """nvJPEG itself: every row as with --decode cpu (errors, sizes, labels), a file nvJPEG refuses
     included; the crops within a level of the reference's."""
     bogus_huffman_table(tmp_path / "bogus.jpg")
-    rows = {}
     for where in ("cpu", "gpu"):
         result = run_batch("classify", awkward_folder, photos, tmp_path / "bogus.jpg", "-o", tmp_path / where,
                            "--device", "cuda", "--precision", "fp32", "--decode", where, "--workers", "2")  # fmt: skip
-        rows[where] = {row["path"]: row for row in read_rows(tmp_path / where)}
     assert "JPEGs are decoded on cuda" in result.stderr and "refused" in result.stderr
-    assert rows["cpu"].keys() == rows["gpu"].keys()
-    for path, cpu in rows["cpu"].items():
-        gpu = rows["gpu"][path]
-        assert (gpu["error"], gpu["width"], gpu["height"]) == (cpu["error"], cpu["width"], cpu["height"]), path
-    labels = [(rows["cpu"][path]["label"], rows["gpu"][path]["label"]) for path in rows["cpu"]]
-    assert sum(cpu == gpu for cpu, gpu in labels) >= len(labels) - 1, labels
+    assert_same_rows(tmp_path / "cpu", tmp_path / "gpu", label_changes=1)
     assert record_of(tmp_path / "gpu")["identity"]["decode"] == "gpu"
 
 

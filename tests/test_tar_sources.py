@@ -8,7 +8,6 @@ import re
 import tarfile
 import tracemalloc
 from dataclasses import replace
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -21,7 +20,7 @@ from batch.tars import BLOCK
 from batch.decode import Preprocess, decode
 from batch.environment import Shard
 from benchmarks.packing import Sample, add_member, write_parquet, write_tar
-from tests.conftest import FAST, read_rows, run_batch
+from tests.conftest import FAST, by_path, run_batch
 from tests.images import PHOTOS, photo
 
 NAMES = ("chelsea", "coffee", "rocket")
@@ -44,12 +43,6 @@ def small_samples(count: int, first: int = 0) -> list[Sample]:
 def truncated_jpeg() -> bytes:
     data = (PHOTOS / "chelsea.jpg").read_bytes()
     return data[: len(data) // 2]
-
-
-def by_path(output: Path) -> dict[str, dict]:
-    rows = read_rows(output)
-    assert len(rows) == len({row["path"] for row in rows}), "a path has two rows"
-    return {row["path"]: row for row in rows}
 
 
 def test_every_image_of_a_webdataset_tar_gets_one_row_with_its_key_and_url(tmp_path):
