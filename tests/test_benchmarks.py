@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import base64
+import hashlib
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +23,7 @@ from torchvision.models import MobileNet_V3_Small_Weights
 from torchvision.transforms import InterpolationMode
 
 from batch import models
-from benchmarks import compare, peers, pictures
+from benchmarks import carry_wheels, compare, jpeg_decoders, peers, pictures
 from benchmarks.reference import open_rgb, reference_transform
 from tests.conftest import FAST, REPOSITORY
 
@@ -128,6 +131,52 @@ def test_report_members_times_the_report_of_members_of_tars_and_parquet_files(tm
     assert list(tmp_path.iterdir()) == [], "the containers and outputs must be deleted"
 
 
+def test_the_jpeg_decoders_are_timed_compared_with_libjpeg_turbo_and_given_a_bad_batch(tmp_path, photos):
+    """On the CPU torchvision's decoder is libjpeg-turbo itself, so its pixels are the reference's to the
+    level; it refuses a batch holding a cut-off file whole, which decode_device.py then redoes file by file."""
+    pictures.generate(tmp_path, 6, (300, 300), sorted(str(path) for path in photos.glob("*.jpg")))
+    lines = list(jpeg_decoders.run([str(tmp_path)], torch.device("cpu"), batch_size=4, passes=1))
+    assert re.match(rf"^jpeg decoders: 6 files from {tmp_path} \(\d+ kB on average\), batches of 4, 1 passes, on cpu$", lines[0])
+    assert lines[1] == "  torchvision decode_jpeg:"
+    assert re.match(r"^    rate: [0-9,]+ images/s, [0-9,]+ Mpx/s$", lines[2]), lines[2]
+    assert lines[3] == "    pixels: 0.00 levels on average from libjpeg-turbo's pixels, 0 at most"
+    assert lines[4] == "    bad batch: refuses the whole batch (RuntimeError: Image is incomplete or truncated)"
+    assert lines[5] in ("  nvImageCodec: not installed (pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
+                        "  nvImageCodec: decodes on a GPU, not on cpu")  # fmt: skip
+    assert len(lines) == 6
+
+
+def test_nvimagecodecs_wheel_travels_slimmed_to_python_3_12_and_jpeg_and_still_installs(tmp_path):
+    """A wheel laid out as nvImageCodec's: what is left installs with pip, and its RECORD names just that."""
+    package = "nvidia/nvimgcodec/"
+    kept = [f"{package}__init__.py", f"{package}nvimgcodec_impl.cpython-312-x86_64-linux-gnu.so", f"{package}libnvimgcodec.so.0",
+            f"{package}extensions/libnvjpeg_ext.so.0.9.0", f"{package}extensions/libjpeg_turbo_ext.so.0.9.0"]  # fmt: skip
+    left = ["nvidia/__init__.py", f"{package}nvimgcodec_impl.cpython-311-x86_64-linux-gnu.so",
+            f"{package}nvimgcodec_impl.cpython-313t-x86_64-linux-gnu.so", f"{package}extensions/libnvjpeg2k_ext.so.0.9.0",
+            f"{package}extensions/libopencv_ext.so.0.9.0", f"{package}include/nvimgcodec.h", f"{package}tools/x"]  # fmt: skip
+    info = "nvidia_nvimgcodec_cu13-0.9.0.20.dist-info/"
+    files = {name: name.encode() for name in kept + left}
+    files[f"{info}METADATA"] = b"Metadata-Version: 2.1\nName: nvidia-nvimgcodec-cu13\nVersion: 0.9.0.20\n"
+    files[f"{info}WHEEL"] = b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    digest = {name: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode() for name, data in files.items()}
+    record = [f"{name},sha256={digest[name]},{len(data)}" for name, data in files.items()] + [f"{info}RECORD,,"]
+    files[f"{info}RECORD"] = "".join(f"{line}\n" for line in record).encode()
+    wheel = tmp_path / "nvidia_nvimgcodec_cu13-0.9.0.20-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    carry_wheels.slim(wheel)
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        recorded = [line.split(",")[0] for line in archive.read(f"{info}RECORD").decode().splitlines()]
+    assert sorted(names) == sorted(recorded) == sorted(kept + [f"{info}METADATA", f"{info}WHEEL", f"{info}RECORD"])
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
+                   check=True)  # fmt: skip
+    assert sorted(str(path.relative_to(site)) for path in (site / "nvidia").rglob("*") if path.is_file()) == sorted(kept)
+    assert list(tmp_path.glob("*.slim")) == []
+
+
 def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
     """It runs once, on a lent GPU, in a few minutes: here it runs whole, on the CPU, so that it cannot rot."""
     script = REPOSITORY / "benchmarks" / "gpu-check.sh"
@@ -140,11 +189,11 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
     steps = re.findall(r"^## (.*)$", report, re.MULTILINE)
     assert steps == ["doctor", "pictures: small", "ResNet-50 stages and suggested CPUs",
                      "ResNet-50 end to end, ImageNet-sized, against the peers", "pictures: agreement",
-                     "agreement with the CPU's fp32 reference", "default model stages",
+                     "agreement with the CPU's fp32 reference", "JPEG decoders alone, ImageNet-sized", "default model stages",
                      "default model end to end, ImageNet-sized, against the peers",
                      "model families: timm, Hugging Face, OpenCLIP, end to end", "pictures: camera",
                      "ResNet-50 end to end, camera-sized, against the peers",
-                     "agreement of GPU decoding, camera-sized"]  # fmt: skip
+                     "agreement of GPU decoding, camera-sized", "JPEG decoders alone, camera-sized"]  # fmt: skip
     assert len(re.findall(r"^ok in \d+ s$", report, re.MULTILINE)) == len(steps)
     assert re.search(r"^  fp32: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
     assert re.search(r"^  fp32, --decode gpu: top-1 6 of 6 \(100.00%; goal 99%: met\)", report, re.MULTILINE)
@@ -153,5 +202,6 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
     assert re.search(r"^  model +[0-9.]+ images/s  cpu, fp32, batch 8", report, re.MULTILINE)
     for family, model in (("timm", "timm:test_resnet"), ("hf", "convnext"), ("clip", "clip")):
         assert re.search(rf"^  {family} +{model} +[0-9.]+ images/s after start-up, .*  24 rows, 0 failed$", report, re.MULTILINE), report
+    assert report.count("  torchvision decode_jpeg:\n") == 2 and "FAILED" not in report
     assert (tmp_path / "check" / "steps.log").stat().st_size > 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["check"], "the pictures must be deleted"
