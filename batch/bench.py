@@ -3,8 +3,8 @@
 Each stage is timed alone (read, decode+preprocess on one core, model, write), then the real
 pipeline end to end, on the same files. The ratio of the model's speed to one core's decoding speed
 says how many CPUs keep one GPU busy. So for --decode gpu do two more stages: what a worker does then
-(open, check, read the bytes: one core) and the device's decoding. Comparing with other programs is
-for `benchmarks/`.
+(open, check, read the bytes: one core) and the device's decoding; and the pipeline runs again with
+--decode gpu where there are JPEGs. Comparing with other programs is for `benchmarks/`.
 """
 
 from __future__ import annotations
@@ -243,16 +243,17 @@ def time_write(spec: models.ModelSpec, batch_size: int, folder: Path) -> Measure
     return Measure("write", items, seconds + time.perf_counter() - started, "Parquet rows, zstd, fsync")
 
 
-def time_end_to_end(list_file: Path, count: int, options: BenchOptions, output: Path) -> Measure:
+def time_end_to_end(list_file: Path, count: int, options: BenchOptions, output: Path, decode: str = "cpu") -> Measure:
     classify = ClassifyOptions(
         sources=(f"@{list_file}",), output=str(output), model=options.model, weights=options.weights,
         batch_size=options.batch_size, workers=options.workers, device=options.device, precision=options.precision,
+        decode=decode,
     )  # fmt: skip
     run = plan(classify, JobEnvironment())
     started = time.perf_counter()
     execute(run, StopRequest())
     note = f"{run.workers} decoding workers, the real pipeline"
-    return Measure("end to end", count, time.perf_counter() - started, note)
+    return Measure("end to end" + (f", --decode {decode}" if decode != "cpu" else ""), count, time.perf_counter() - started, note)
 
 
 def suggest_cpus(decode: Measure, model: Measure, device: torch.device) -> str:
@@ -291,6 +292,8 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> It
         yield "together, in this process (start-up excluded):"
         list_file = write_file_list(paths, folder / "files.txt")
         yield time_end_to_end(list_file, len(paths), options, folder / "end-to-end").line()
+        if on_device is not None:  # the same files again, their JPEGs decoded where the model runs
+            yield time_end_to_end(list_file, len(paths), options, folder / "end-to-end-gpu", decode="gpu").line()
         yield "suggestion: " + suggest_cpus(decoded, model, device)
         if on_device is not None and device.type == "cuda":
             yield "with --decode gpu: " + suggest_cpus(checked, min(model, on_device, key=lambda measure: measure.rate), device)

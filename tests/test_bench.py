@@ -15,7 +15,8 @@ from batch.bench import generate_images
 from tests.conftest import FAST, run_batch
 
 TINY = ("--generate", "6", "--width", "80-120", "--batch-size", "4", "--workers", "1")
-STAGES = ("read", "decode+preprocess", "check for --decode gpu", "decode+preprocess on device", "model", "write", "end to end")
+STAGES = ("read", "decode+preprocess", "check for --decode gpu", "decode+preprocess on device", "model", "write", "end to end",
+          "end to end, --decode gpu")  # fmt: skip
 
 
 def stage_lines(report: str) -> list[str]:
