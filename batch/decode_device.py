@@ -107,9 +107,14 @@ class DeviceDecoder:
             return batch.pixels
         ours: dict[int, torch.Tensor | None] = {}  # crops only: each part's whole pictures go as it is cut
         for part in in_parts(left):
+            upright: dict[int, torch.Tensor] = {}
             for item, image in zip(part, self._decode([item.jpeg for item in part])):
-                ours[item.index] = self._crop(image, item.orientation) if image is not None else self._on_cpu(item)
+                if image is not None:
+                    upright[item.index] = UPRIGHT[item.orientation](image)
+                else:
+                    ours[item.index] = self._on_cpu(item)
                 item.jpeg = None  # its bytes lie in a slot the next batch reuses
+            ours.update(self._crops_by_size(upright))
         from_workers = iter(batch.pixels.to(self.device, non_blocking=True) if batch.pixels is not None else ())
         crops = [ours[item.index] if item.index in ours else next(from_workers) for item in batch.items
                  if item.error is None]  # fmt: skip
@@ -131,17 +136,35 @@ class DeviceDecoder:
                 images.append(None)
         return images
 
-    def _crop(self, image: torch.Tensor, orientation: int) -> torch.Tensor:
-        """torchvision's Resize(shorter side, antialiased) and CenterCrop of the upright picture, HWC."""
-        upright = UPRIGHT[orientation](image)
-        resized = functional.resize(upright, [self.preprocess.resize], self.interpolation, antialias=True)
-        return functional.center_crop(resized, [self.preprocess.crop]).permute(1, 2, 0)
+    def _crops_by_size(self, pictures: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """torchvision's Resize(shorter side, antialiased) and CenterCrop of each upright picture, HWC.
+        Pictures of one size are resized in one call, the same arithmetic for each: a camera's or a
+        dataset's usual sizes then cost a few kernel launches a batch, not a few for every picture. It
+        takes each group out of `pictures` as it stacks it, so that the group's originals can go."""
+        by_size: dict[torch.Size, list[int]] = {}
+        for index, picture in pictures.items():
+            by_size.setdefault(picture.shape, []).append(index)
+        crops: dict[int, torch.Tensor] = {}
+        for indices in by_size.values():
+            alike = stack_as_laid_out([pictures.pop(index) for index in indices])
+            resized = functional.resize(alike, [self.preprocess.resize], self.interpolation, antialias=True)
+            crops.update(zip(indices, functional.center_crop(resized, [self.preprocess.crop]).permute(0, 2, 3, 1)))
+        return crops
 
     def _on_cpu(self, item: Decoded) -> torch.Tensor | None:
         self.on_cpu += 1
         again = decode_bytes(item.index, item.jpeg.tobytes(), self.preprocess)
         item.error, item.width, item.height = again.error, again.width, again.height
         return torch.from_numpy(again.pixels).to(self.device) if again.pixels is not None else None
+
+
+def stack_as_laid_out(pictures: list[torch.Tensor]) -> torch.Tensor:
+    """(n, 3, H, W) of pictures of one size, copied as they lie in memory: libjpeg-turbo's come
+    channels last (a plain stack would transpose every byte, and cost more than the resize), nvJPEG's
+    planar."""
+    if pictures[0].stride(0) == 1:
+        return torch.stack([picture.permute(1, 2, 0) for picture in pictures]).permute(0, 3, 1, 2)
+    return torch.stack(pictures)
 
 
 def in_parts(items: list[Decoded]) -> list[list[Decoded]]:

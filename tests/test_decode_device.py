@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional
 
 from batch.decode import Decoded, Preprocess, decode
 from batch.decode_device import DecodeError, DeviceDecoder, choose, in_parts
@@ -123,6 +124,23 @@ def test_a_batch_of_camera_pictures_is_decoded_in_parts_that_fit_the_device():
     parts = in_parts([Decoded(50, width=30_000, height=10_000), *camera])
     assert [len(part) for part in parts] == [1, 22, 22, 6]  # 300 Mpx alone, then 22 x 12 Mpx to a call
     assert [item.index for part in parts for item in part] == [50, *range(50)]
+
+
+@pytest.mark.parametrize("layout", ["channels last, as libjpeg-turbo decodes", "planar, as nvJPEG decodes"])
+def test_pictures_of_one_size_are_cropped_together_to_the_bit_of_one_at_a_time(layout):
+    """Same-sized pictures share one resize call; each crop is exactly what resizing it alone gives."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(300, 200), (200, 300), (300, 200), (257, 256), (300, 200), (200, 300)]
+    pictures = [torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
+                for width, height in sizes]  # fmt: skip
+    if layout.startswith("planar"):
+        pictures = [picture.contiguous() for picture in pictures]
+    decoder = DeviceDecoder(PREPROCESS, CPU)
+    crops = decoder._crops_by_size(dict(enumerate(pictures)))
+    assert sorted(crops) == list(range(len(sizes)))
+    for index, picture in enumerate(pictures):
+        alone = functional.resize(picture, [PREPROCESS.resize], decoder.interpolation, antialias=True)
+        assert torch.equal(crops[index], functional.center_crop(alone, [PREPROCESS.crop]).permute(1, 2, 0)), index
 
 
 class OwnCut(Preprocess):
