@@ -37,6 +37,10 @@ class Decoder:
     prepare: Callable[[bytes], Any]
     decode: Decode
 
+    def decode_files(self, jpegs: list[bytes]) -> list[torch.Tensor | None]:
+        """Prepare and decode them, untimed: for the pixels, not the rate."""
+        return self.decode([self.prepare(jpeg) for jpeg in jpegs])
+
 
 def torchvision_decoder(device: torch.device) -> Decoder:
     def decode(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -93,7 +97,7 @@ def rate(decoder: Decoder, jpegs: list[bytes], batch_size: int, passes: int, dev
 
 def distance(decoder: Decoder, jpegs: list[bytes], reference: list[torch.Tensor]) -> str:
     """How far its pixels lie from the reference's: the mean and the largest difference, in levels of 255."""
-    images = decoder.decode([decoder.prepare(jpeg) for jpeg in jpegs])
+    images = decoder.decode_files(jpegs)
     if any(image is None for image in images):
         return f"refused {sum(image is None for image in images)} of {len(images)} good files"
     if any(image.shape != expected.shape for image, expected in zip(images, reference)):
@@ -135,8 +139,7 @@ def run(given: Sequence[str], device: torch.device, batch_size: int, passes: int
     yield (f"jpeg decoders: {len(jpegs)} files from {', '.join(given)} ({sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} kB "
            f"on average), batches of {batch_size}, {passes} passes, on {device}")  # fmt: skip
     sample = jpegs[:batch_size]
-    libjpeg_turbo = torchvision_decoder(torch.device("cpu"))
-    reference = libjpeg_turbo.decode([libjpeg_turbo.prepare(jpeg) for jpeg in sample])
+    reference = torchvision_decoder(torch.device("cpu")).decode_files(sample)  # libjpeg-turbo's pixels
     for decoder in (torchvision_decoder(device), *nvimgcodec_decoders(device)):
         if isinstance(decoder, str):
             yield f"  {decoder}"
