@@ -1,11 +1,15 @@
 """JPEG decoders alone, side by side on one device: what --decode gpu's choice of decoder rests on.
 
-torchvision's batched `decode_jpeg` (what batch/decode_device.py calls) and NVIDIA's nvImageCodec
-(`nvidia-nvimgcodec-cu13`, over nvJPEG: with its own choice of backend, with CUDA alone, and with the
-H100's hardware JPEG engines alone) decode the same files in the same batches. For each it prints the
-rate, how far its pixels lie from libjpeg-turbo's (torchvision on the CPU), and what it does with a
-batch that holds a cut-off file and one that is not a JPEG at all: refuse the whole batch (what
-decode_device.py then redoes file by file), or answer for each file. A decoder that is not installed
+torchvision's batched `decode_jpeg` (what batch/decode_device.py calls), TorchCodec's (which torchvision
+0.29 names as its decoders' successor; on a GPU it sends baseline JPEGs to the hardware JPEG engines of
+an A100 or H100 and the rest to nvJPEG on CUDA) and NVIDIA's nvImageCodec (`nvidia-nvimgcodec-cu13`,
+over nvJPEG: with its own choice of backend, with CUDA alone, and with the H100's hardware JPEG engines
+alone) decode the same files in the same batches. For each it prints the
+rate, how far its pixels lie from libjpeg-turbo's (torchvision on the CPU), whether it turns a file
+upright by its EXIF orientation itself (decode_device.py turns pictures after torchvision's decoder,
+which leaves them as stored), and what it does with a batch that holds a cut-off file and one that is
+not a JPEG at all: refuse the whole batch (what decode_device.py then redoes file by file), or answer
+for each file. A decoder that is not installed
 or cannot use the device is reported and passed over.
 
 Run as `python -m benchmarks.jpeg_decoders SOURCE... --device cuda [--batch-size 256] [--passes 3]`.
@@ -14,6 +18,7 @@ Run as `python -m benchmarks.jpeg_decoders SOURCE... --device cuda [--batch-size
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import time
 from dataclasses import dataclass
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from batch.bench import collect_inputs
+from batch.decode import EXIF_ORIENTATION
 
 Decode = Callable[[list[Any]], list[torch.Tensor | None]]  # prepared files -> (3, H, W) uint8 each, or None
 
@@ -46,7 +53,25 @@ def torchvision_decoder(device: torch.device) -> Decoder:
     def decode(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
-    return Decoder("torchvision decode_jpeg", lambda jpeg: torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), decode)
+    return Decoder("torchvision decode_jpeg", as_tensor, decode)
+
+
+def as_tensor(jpeg: bytes) -> torch.Tensor:
+    """A file's bytes as the 1-D uint8 tensor torchvision's and TorchCodec's decoders take."""
+    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+
+
+def torchcodec_decoder(device: torch.device) -> Decoder | str:
+    """TorchCodec's batched `decode_jpeg`, or why there is none. It takes what torchvision's takes."""
+    try:
+        from torchcodec.decoders import decode_jpeg as decode_with_torchcodec
+    except Exception as error:  # noqa: BLE001 - an ImportError, or its libraries refusing this torch
+        return f"TorchCodec: not usable ({type(error).__name__}: {error}; pip install torchcodec)"
+
+    def decode(tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        return decode_with_torchcodec(tensors, mode="RGB", device=device)
+
+    return Decoder("TorchCodec decode_jpeg", as_tensor, decode)
 
 
 def nvimgcodec_decoders(device: torch.device) -> Iterator[Decoder | str]:
@@ -102,9 +127,36 @@ def distance(decoder: Decoder, jpegs: list[bytes], reference: list[torch.Tensor]
         return f"refused {sum(image is None for image in images)} of {len(images)} good files"
     if any(image.shape != expected.shape for image, expected in zip(images, reference)):
         return "pictures of other sizes than libjpeg-turbo's"
-    differences = [(image.cpu().int() - expected.int()).abs() for image, expected in zip(images, reference)]
-    mean = sum(float(difference.float().mean()) for difference in differences) / len(differences)
-    return f"{mean:.2f} levels on average from libjpeg-turbo's pixels, {max(int(d.max()) for d in differences)} at most"
+    mean = sum(mean_distance(image, expected) for image, expected in zip(images, reference)) / len(images)
+    largest = max(int(far(image, expected).max()) for image, expected in zip(images, reference))
+    return f"{mean:.2f} levels on average from libjpeg-turbo's pixels, {largest} at most"
+
+
+def orientation(decoder: Decoder, jpeg: bytes) -> str:
+    """Whether it turns a file lying on its side (EXIF orientation 6) upright, or leaves it as stored."""
+    image = Image.open(io.BytesIO(jpeg))
+    exif = image.getexif()
+    exif[EXIF_ORIENTATION] = 6
+    encoded = io.BytesIO()
+    image.save(encoded, "JPEG", quality="keep", exif=exif)
+    data = as_tensor(encoded.getvalue())
+    [decoded] = decoder.decode_files([encoded.getvalue()])
+    if decoded is None:
+        return "refused the file"
+    stored, upright = (decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=turn) for turn in (False, True))
+    if mean_distance(decoded, upright) < mean_distance(decoded, stored):
+        return "turns a file with an EXIF orientation upright itself"
+    return "leaves a file with an EXIF orientation as stored"
+
+
+def far(image: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How far each of its pixels lies from the expected picture's, in levels of 255."""
+    return (image.cpu().int() - expected.int()).abs()
+
+
+def mean_distance(image: torch.Tensor, expected: torch.Tensor) -> float:
+    """The mean of `far`, or infinity for a picture of another shape."""
+    return float(far(image, expected).float().mean()) if image.shape == expected.shape else float("inf")
 
 
 def bad_batch(decoder: Decoder, jpegs: list[bytes]) -> str:
@@ -140,13 +192,14 @@ def run(given: Sequence[str], device: torch.device, batch_size: int, passes: int
            f"on average), batches of {batch_size}, {passes} passes, on {device}")  # fmt: skip
     sample = jpegs[:batch_size]
     reference = torchvision_decoder(torch.device("cpu")).decode_files(sample)  # libjpeg-turbo's pixels
-    for decoder in (torchvision_decoder(device), *nvimgcodec_decoders(device)):
+    for decoder in (torchvision_decoder(device), torchcodec_decoder(device), *nvimgcodec_decoders(device)):
         if isinstance(decoder, str):
             yield f"  {decoder}"
             continue
         yield f"  {decoder.name}:"
         for what, measure in (("rate", lambda: rate(decoder, jpegs, batch_size, passes, device)),
                               ("pixels", lambda: distance(decoder, sample, reference)),
+                              ("orientation", lambda: orientation(decoder, jpegs[0])),
                               ("bad batch", lambda: bad_batch(decoder, jpegs))):  # fmt: skip
             try:
                 yield f"    {what}: {measure()}"

@@ -132,18 +132,23 @@ def test_report_members_times_the_report_of_members_of_tars_and_parquet_files(tm
 
 
 def test_the_jpeg_decoders_are_timed_compared_with_libjpeg_turbo_and_given_a_bad_batch(tmp_path, photos):
-    """On the CPU torchvision's decoder is libjpeg-turbo itself, so its pixels are the reference's to the
-    level; it refuses a batch holding a cut-off file whole, which decode_device.py then redoes file by file."""
+    """On the CPU torchvision's and TorchCodec's decoders are libjpeg-turbo itself, so their pixels are the
+    reference's to the level; TorchCodec turns a file upright by its EXIF orientation, which decode_device.py
+    does after torchvision's; both refuse a batch holding a cut-off file whole, which decode_device.py then
+    redoes file by file."""
     pictures.generate(tmp_path, 6, (300, 300), sorted(str(path) for path in photos.glob("*.jpg")))
     lines = list(jpeg_decoders.run([str(tmp_path)], torch.device("cpu"), batch_size=4, passes=1))
     assert re.match(rf"^jpeg decoders: 6 files from {tmp_path} \(\d+ kB on average\), batches of 4, 1 passes, on cpu$", lines[0])
-    assert lines[1] == "  torchvision decode_jpeg:"
-    assert re.match(r"^    rate: [0-9,]+ images/s, [0-9,]+ Mpx/s$", lines[2]), lines[2]
-    assert lines[3] == "    pixels: 0.00 levels on average from libjpeg-turbo's pixels, 0 at most"
-    assert lines[4] == "    bad batch: refuses the whole batch (RuntimeError: Image is incomplete or truncated)"
-    assert lines[5] in ("  nvImageCodec: not installed (pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
-                        "  nvImageCodec: decodes on a GPU, not on cpu")  # fmt: skip
-    assert len(lines) == 6
+    for first, name, upright in ((1, "torchvision", "leaves a file with an EXIF orientation as stored"),
+                                 (6, "TorchCodec", "turns a file with an EXIF orientation upright itself")):  # fmt: skip
+        assert lines[first] == f"  {name} decode_jpeg:"
+        assert re.match(r"^    rate: [0-9,]+ images/s, [0-9,]+ Mpx/s$", lines[first + 1]), lines[first + 1]
+        assert lines[first + 2] == "    pixels: 0.00 levels on average from libjpeg-turbo's pixels, 0 at most"
+        assert lines[first + 3] == f"    orientation: {upright}"
+        assert re.match(r"^    bad batch: refuses the whole batch \(RuntimeError: Image is incomplete or truncated\.?\)$", lines[first + 4])
+    assert lines[11] in ("  nvImageCodec: not installed (pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
+                         "  nvImageCodec: decodes on a GPU, not on cpu")  # fmt: skip
+    assert len(lines) == 12
 
 
 def test_nvimagecodecs_wheel_travels_slimmed_to_python_3_12_and_jpeg_and_still_installs(tmp_path):
