@@ -3,7 +3,7 @@
 # 16 cores, most telling first: batch doctor; ResNet-50 (untrained) from ImageNet-sized JPEGs to Parquet,
 # decoded by the CPUs and by the GPU, against the model alone and both peers on the same GPU; top-1
 # agreement in bf16, fp16 and fp32 (and of GPU decoding) with the CPU's fp32 reference; the JPEG
-# decoders alone (torchvision's and nvImageCodec's); the GPU tests and the part of the suite a GPU
+# decoders alone (torchvision's, TorchCodec's and nvImageCodec's); the GPU tests and the part of the suite a GPU
 # changes; the default model; a timm, a Hugging Face and a zero-shot OpenCLIP model; camera-sized JPEGs,
 # their agreement with GPU decoding, and the decoders alone on them. It writes OUT/report.md (each
 # command, what it printed, its time) and OUT/steps.log (everything); a step that fails is reported and
@@ -13,8 +13,8 @@
 #   benchmarks/gpu-check.sh OUT --device cpu --tiny   # anywhere, on a few files: CI runs it so (no test steps)
 #
 # The lent GPU machines have their own Python 3.12, torch, torchvision, click, pillow, pyarrow, numpy,
-# pytest, pytest-xdist, timm and transformers, and reach no registry. Carry the rest as wheels (51 MiB,
-# nvImageCodec's slimmed to fit a call's 64 MiB), fetched where pip works:
+# pytest, pytest-xdist, timm and transformers, and reach no registry. Carry the rest as wheels (58 MiB,
+# nvImageCodec's and TorchCodec's slimmed to fit a call's 64 MiB), fetched where pip works:
 #   echo /.whl/ >>.git/info/exclude && python3 -m benchmarks.carry_wheels .whl
 # and there, in the repository root, install them and batch over that torch, then run this:
 #   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/*.whl . &&

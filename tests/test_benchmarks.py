@@ -9,6 +9,8 @@ import os
 import re
 import base64
 import hashlib
+import importlib.metadata
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -180,6 +182,26 @@ def test_nvimagecodecs_wheel_travels_slimmed_to_python_3_12_and_jpeg_and_still_i
                    check=True)  # fmt: skip
     assert sorted(str(path.relative_to(site)) for path in (site / "nvidia").rglob("*") if path.is_file()) == sorted(kept)
     assert list(tmp_path.glob("*.slim")) == []
+
+
+def test_torchcodec_decodes_jpegs_without_the_libraries_its_wheel_travels_without(tmp_path, photos):
+    """The installed TorchCodec, less the files carry_wheels leaves out of its wheel, still decodes a JPEG
+    to libjpeg-turbo's pixels."""
+    site, left = tmp_path / "site", []
+    for file in importlib.metadata.files("torchcodec"):
+        if file.parts[0].startswith("torchcodec") and "__pycache__" not in file.parts:
+            if carry_wheels.NOT_CARRIED.search(file.as_posix()):
+                left.append(file.name)
+            else:
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file.locate(), site / file)
+    assert len(left) == 12 and all(re.match(r"^libtorchcodec_(core|custom_ops)\d+\.so$", name) for name in left), left
+    check = ("import sys, torch, torchcodec; from torchcodec.decoders import decode_jpeg; from torchvision.io import decode_jpeg as tv; "
+             "jpeg = torch.frombuffer(bytearray(open(sys.argv[1], 'rb').read()), dtype=torch.uint8); "
+             "print(torchcodec.__file__, torchcodec.ffmpeg_major_version, torch.equal(decode_jpeg(jpeg), tv(jpeg)))")  # fmt: skip
+    printed = subprocess.run([sys.executable, "-W", "ignore", "-c", check, str(photos / "chelsea.jpg")], check=True, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(site)}).stdout  # fmt: skip
+    assert printed == f"{site / 'torchcodec' / '__init__.py'} None True\n"
 
 
 def test_the_gpu_check_runs_every_step_on_the_cpu_on_a_few_files(tmp_path):
