@@ -6,101 +6,19 @@ are caught before torch takes seconds to import.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import click
 
 import batch
 from batch import transient
+from batch.options import RETRY_FAILED, RETRY_KIND, Triple, WidthRange, budget_options, retry_asked, setup_logging
 from batch.stopping import StopRequest
 
 if TYPE_CHECKING:
     from batch.spill import Budget
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-LOG_DATE_FORMAT = "%H:%M:%S"
-
-
-def _setup_logging(verbose: bool) -> None:
-    """Our own messages at INFO (DEBUG with -v); other libraries' only from WARNING up. Python warnings
-    (torch's) are logged too, so that every line of a batch log starts with the time."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, stream=sys.stderr)
-    logging.captureWarnings(True)
-    logging.getLogger("batch").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-class Triple(click.ParamType):
-    name = "R,G,B"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, tuple):
-            return value
-        try:
-            numbers = tuple(float(part) for part in value.split(","))
-        except ValueError:
-            numbers = ()
-        if len(numbers) != 3:
-            self.fail(f"{value!r} is not three comma-separated numbers", param, ctx)
-        return numbers
-
-
-RETRY_FAILED = click.option("--retry-failed", is_flag=True,
-                            help="Also take the inputs whose rows failed; classify puts each new row in the old one's place.")
-RETRY_KIND = click.option("--retry-kind", "retry_kinds", multiple=True, metavar="KIND",
-                          help="With --retry-failed, only errors of this kind ('io error', 'decoder crashed'...); "
-                               "repeatable.")  # fmt: skip
-
-
-class Size(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        from batch.spill import parse_size
-
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-def budget_options(command: Callable) -> Callable:
-    """--memory and --spill-dir, for the commands that hold every name (batch.spill): the command gets
-    their `budget`, and a budget it cannot keep ends it with the message of what to change."""
-
-    @functools.wraps(command)
-    def within_budget(*args: Any, memory: int | None, spill_dir: str | None, **kwargs: Any) -> Any:
-        from batch.spill import Budget, SpillError
-
-        _setup_logging(False)
-        try:
-            budget = Budget.of(memory, spill_dir)
-        except ValueError as error:
-            raise click.UsageError(str(error)) from None
-        logging.getLogger("batch").info("batch %s: %s", command.__name__, budget)  # before any work
-        try:
-            return command(*args, budget=budget, **kwargs)
-        except SpillError as error:
-            raise click.ClickException(str(error)) from None
-
-    within_budget = click.option("--spill-dir", type=click.Path(file_okay=False),
-                                 help="Where to spill past --memory  [default: TMPDIR]")(within_budget)  # fmt: skip
-    return click.option("--memory", type=Size(),
-                        help="Memory this may hold, as Slurm writes it (4G, 4096M)  [default: the Slurm "
-                             "allocation, else 1.5G]")(within_budget)  # fmt: skip
-
-
-def _retry(retry_failed: bool, retry_kinds: tuple[str, ...]):  # -> RetryFailed | None, imported late
-    """The RetryFailed that --retry-failed and --retry-kind ask for, or None."""
-    from batch.commit import RetryFailed
-
-    if retry_kinds and not retry_failed:
-        raise click.UsageError("--retry-kind narrows --retry-failed: pass both")
-    return RetryFailed(retry_kinds) if retry_failed else None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -177,7 +95,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     after committing: run the same command again to go on.
     """
     stop = StopRequest().install()
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from batch.commit import OutputError
     from batch.environment import Shard
     from batch.manifest import ManifestError
@@ -195,7 +113,7 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
             decode=decode, shard=Shard(shard_index, num_shards) if num_shards is not None else None, embeddings=embeddings,
             overwrite=overwrite, strict=strict, max_error_rate=max_error_rate, commit_every=commit_every,
             decode_timeout=decode_timeout, io_retries=io_retries,
-            retry_failed=_retry(retry_failed, retry_kinds),
+            retry_failed=retry_asked(retry_failed, retry_kinds),
         )  # fmt: skip
         run = plan(options, _environment())
     except ValueError as error:
@@ -256,7 +174,7 @@ def pending(manifest: str, output: str, to_do: str, retry_failed: bool, retry_ki
     from batch.summary import pending as write_pending
 
     try:
-        click.echo(write_pending(manifest, output, to_do, _retry(retry_failed, retry_kinds), budget))
+        click.echo(write_pending(manifest, output, to_do, retry_asked(retry_failed, retry_kinds), budget))
     except ValueError as error:
         raise click.UsageError(str(error)) from None
 
@@ -330,19 +248,6 @@ def weights_list(model: str | None, show_all: bool) -> None:
         raise click.UsageError(str(error)) from None
 
 
-class WidthRange(click.ParamType):
-    name = "W[-W2]"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        if isinstance(value, tuple):
-            return value
-        parts = value.split("-")
-        if len(parts) > 2 or not all(part.isdigit() and int(part) >= 16 for part in parts):
-            self.fail(f"{value!r} is not a width (at least 16 px) or a range like 2000-4000", param, ctx)
-        low, high = int(parts[0]), int(parts[-1])
-        return (low, high) if low <= high else (high, low)
-
-
 @main.command()
 @click.argument("sources", nargs=-1)
 @click.option("--generate", default=256, show_default=True, type=click.IntRange(1),
@@ -365,7 +270,7 @@ def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], mode
     import tempfile
     from pathlib import Path
 
-    _setup_logging(False)
+    setup_logging(False)
     logging.getLogger("batch.pipeline").setLevel(logging.WARNING)
     from batch import bench as measure
 

@@ -70,7 +70,7 @@ def run_classify(monkeypatch, arguments: list[str]) -> dict[str, Any]:
     """What `batch classify` hands the pipeline, and whether it asked for verbose logs; nothing runs."""
     seen: dict[str, Any] = {}
     monkeypatch.setattr(cli.StopRequest, "install", lambda self: self)
-    monkeypatch.setattr(cli, "_setup_logging", lambda verbose: seen.update(verbose=verbose))
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose: seen.update(verbose=verbose))
     monkeypatch.setattr(pipeline, "plan", lambda options, env: seen.update(top_level(options)))
     monkeypatch.setattr(pipeline, "execute", lambda run, stop: 0)
     result = CliRunner().invoke(cli.classify, [*CLASSIFY_BASE, *arguments])
@@ -86,7 +86,7 @@ def run_bench(monkeypatch, arguments: list[str]) -> dict[str, Any]:
         seen.update(sources=sources, generate=generate, widths=widths)
         return [], "nothing"
 
-    monkeypatch.setattr(cli, "_setup_logging", lambda verbose: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose: None)
     monkeypatch.setattr(bench, "resolve_inputs", resolve_inputs)
     monkeypatch.setattr(bench, "run", lambda paths, options, described: seen.update(top_level(options)) or iter(()))
     result = CliRunner().invoke(cli.bench, arguments)

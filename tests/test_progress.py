@@ -10,7 +10,7 @@ import time
 import pytest
 
 from batch import progress
-from batch.cli import LOG_DATE_FORMAT, LOG_FORMAT
+from batch.options import LOG_DATE_FORMAT, LOG_FORMAT
 from batch.progress import Progress, format_duration
 
 
