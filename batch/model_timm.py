@@ -14,6 +14,7 @@ std; only its centre crop is what our decoders do, so the other crop modes are r
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 from batch.decode import INTERPOLATIONS
 from batch.models import ModelError, ModelSpec, PreprocessOverrides, imagenet_categories, labels_of_length, require_extra
 from batch.weights import WeightsError, local_file
+
+log = logging.getLogger(__name__)
 
 PREFIX = "timm:"
 EMA_SUFFIX = "#ema"
@@ -105,6 +108,9 @@ def _preprocessing(arguments: dict[str, Any], config: dict[str, Any], model: str
         raise ModelError(f"{model} preprocesses with crop_mode {data['crop_mode']!r}: only 'center' is supported; "
                          "pass --resize and --crop to choose a centre crop instead")  # fmt: skip
     interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bicubic"
+    if interpolation != data["interpolation"] and overrides.interpolation is None:
+        log.warning("%s resizes with %r interpolation, which batch does not have: bicubic instead "
+                    "(--interpolation chooses another)", model, data["interpolation"])  # fmt: skip
     return {
         "resize": math.floor(height / data["crop_pct"]),  # timm's transforms_factory does the same
         "crop": height,

@@ -263,6 +263,19 @@ def test_a_crop_mode_we_cannot_do_is_refused_unless_a_centre_crop_is_chosen(pict
     assert len(read_rows(tmp_path / "out")) == len(pictures)
 
 
+def test_an_interpolation_we_do_not_have_is_replaced_by_bicubic_with_a_warning_unless_one_is_chosen(pictures, tmp_path):
+    torch.manual_seed(3)
+    network = timm.create_model("test_vit", num_classes=len(LABELS))
+    network.pretrained_cfg = {**network.pretrained_cfg, "interpolation": "lanczos"}
+    save_for_hf(network, tmp_path / "lanczos", model_config={"label_names": LABELS})
+    warned = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", tmp_path / "lanczos")
+    assert f"{tmp_path / 'lanczos'} resizes with 'lanczos' interpolation, which batch does not have: bicubic instead" in warned.stderr
+    chosen = offline("classify", pictures[0].parent, "-o", tmp_path / "chosen", "--model", tmp_path / "lanczos",
+                     "--interpolation", "bilinear")  # fmt: skip
+    assert "which batch does not have" not in chosen.stderr
+    assert len(read_rows(tmp_path / "out")) == len(read_rows(tmp_path / "chosen")) == len(pictures)
+
+
 def test_label_descriptions_name_the_classes_where_the_model_has_them(pictures, tmp_path):
     """As timm's ImageNet models: synset ids as label_names, what they are in label_descriptions."""
     network = timm.create_model("test_vit", num_classes=2)
