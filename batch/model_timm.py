@@ -23,7 +23,7 @@ import torch
 
 from batch.decode import INTERPOLATIONS
 from batch.models import ModelError, ModelSpec, PreprocessOverrides, imagenet_categories, labels_of_length, require_extra
-from batch.weights import WeightsError, local_file
+from batch.weights import WeightsError, load_fitting, local_file
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,6 @@ def _build(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
                                 **options["model_args"])  # fmt: skip
     assert spec.weights_file is not None
     state, _ = read_checkpoint(spec.weights_file, options["ema"])
-    expected = network.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    reshaped = [f"{key} {tuple(value.shape)}, {spec.name} has {tuple(expected[key].shape)}"
-                for key, value in state.items() if key in expected and value.shape != expected[key].shape]  # fmt: skip
-    if missing or unexpected or reshaped:
-        found = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if keys]  # fmt: skip
-        raise WeightsError(f"the weights in {spec.weights_file} do not fit {spec.name} with {len(spec.labels)} "
-                           f"classes (a head of another size needs --labels): {'; '.join(found)}")  # fmt: skip
-    network.load_state_dict(state)
+    load_fitting(network, state, spec.weights_file, spec.name, len(spec.labels))
     return network.eval()
 

@@ -102,13 +102,26 @@ def load_state_dict(network: torch.nn.Module, path: str, model: str, classes: in
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise WeightsError(
-            f"the weights in {path} do not fit {model} with {classes} classes "
-            f"(a different number of classes needs --labels): {str(error).splitlines()[0]}"
-        ) from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict of {model}'s weights")
+    load_fitting(network, state, path, model, classes)
+
+
+def load_fitting(network: torch.nn.Module, state: dict[str, Any], path: str, model: str, classes: int) -> None:
+    """Load `state` into `network`, or name key by key where it does not fit: the keys missing, those
+    unexpected and those of other shapes, so that a user sees whether the head or the whole
+    architecture differs. torch's own load decides what is missing (it accepts older BatchNorm keys)."""
+    expected = network.state_dict()
+    reshaped = [f"{key} {tuple(value.shape)}, {model} has {tuple(expected[key].shape)}" for key, value in state.items()
+                if key in expected and hasattr(value, "shape") and value.shape != expected[key].shape]  # fmt: skip
+    missing = unexpected = []
+    if not reshaped:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected or reshaped:
+        found = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if keys]  # fmt: skip
+        raise WeightsError(f"the weights in {path} do not fit {model} with {classes} classes "
+                           f"(a head of another size needs --labels): {'; '.join(found)}")  # fmt: skip
 
 
 def _torchvision_weights(model: str, name: str) -> Any:
