@@ -49,6 +49,8 @@ Scene = Callable[[int, tuple[int, int], random.Random, np.random.Generator], Ima
 class BenchOptions:
     model: str = models.DEFAULT_MODEL
     weights: str = DEFAULT_WEIGHTS
+    labels_file: str | None = None
+    templates: tuple[str, ...] = ()  # a zero-shot CLIP model's prompts
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None
@@ -246,8 +248,8 @@ def time_write(spec: models.ModelSpec, batch_size: int, folder: Path) -> Measure
 def time_end_to_end(list_file: Path, count: int, options: BenchOptions, output: Path, decode: str = "cpu") -> Measure:
     classify = ClassifyOptions(
         sources=(f"@{list_file}",), output=str(output), model=options.model, weights=options.weights,
-        batch_size=options.batch_size, workers=options.workers, device=options.device, precision=options.precision,
-        decode=decode,
+        labels_file=options.labels_file, templates=options.templates, batch_size=options.batch_size,
+        workers=options.workers, device=options.device, precision=options.precision, decode=decode,
     )  # fmt: skip
     run = plan(classify, JobEnvironment())
     started = time.perf_counter()
@@ -272,7 +274,7 @@ def suggest_cpus(decode: Measure, model: Measure, device: torch.device) -> str:
 
 def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> Iterator[str]:
     """The report, line by line, as each measurement finishes."""
-    spec = models.resolve(options.model, options.weights)
+    spec = models.resolve(options.model, options.weights, options.labels_file, templates=options.templates)
     device = choose_device(options.device, JobEnvironment())
     precision = choose_precision(options.precision, device)
     probe(device, precision)

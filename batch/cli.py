@@ -256,12 +256,15 @@ def weights_list(model: str | None, show_all: bool) -> None:
               help="Width of generated JPEGs (4:3), or a range like 2000-4000.")
 @click.option("--model", default="efficientnet_lite0", show_default=True, help="As for classify.")
 @click.option("--weights", default="DEFAULT", show_default=True, help="As for classify.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="As for classify.")
+@click.option("--template", "templates", multiple=True, help="As for classify: a zero-shot CLIP model's prompts.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
 @click.option("--batch-size", type=click.IntRange(1), help="As for classify.")
 @click.option("--workers", type=click.IntRange(0), help="As for classify.")
-def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], model: str, weights: str, device: str,
-          precision: str, batch_size: int | None, workers: int | None) -> None:  # fmt: skip
+def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], model: str, weights: str,
+          labels_file: str | None, templates: tuple[str, ...], device: str, precision: str, batch_size: int | None,
+          workers: int | None) -> None:  # fmt: skip
     """Measure each stage and the whole pipeline on SOURCES or generated JPEGs.
 
     Prints images/s for read, decode+preprocess (one core), model, write and the whole pipeline, and
@@ -275,8 +278,9 @@ def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], mode
     from batch import bench as measure
 
     options = measure.BenchOptions(
-        model=model, weights=weights, device=device, precision=precision, batch_size=batch_size, workers=workers
-    )
+        model=model, weights=weights, labels_file=labels_file, templates=templates, device=device, precision=precision,
+        batch_size=batch_size, workers=workers,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="batch-bench-images-") as scratch:
         try:
             paths, described = measure.resolve_inputs(sources, generate, widths, Path(scratch))

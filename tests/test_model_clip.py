@@ -9,6 +9,7 @@ picture the same class).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,13 @@ def test_a_hub_cache_folder_is_read_through_its_snapshot_symlinks(clip, pictures
     offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", cache, "--labels", labels_file(tmp_path))
     expected = own_zero_shot(clip, pictures, templates=("a photo of a {}.",))[0].argmax(1)
     assert [by_name(read_rows(tmp_path / "out"))[path.name]["label"] for path in pictures] == [LABELS[i] for i in expected]
+
+
+def test_bench_times_a_zero_shot_model_with_its_labels_and_prompts(clip, pictures, tmp_path):
+    """batch bench resolves the model as classify does: a CLIP model needs its class names, and takes prompts."""
+    common = ("bench", pictures[0].parent, "--model", clip, "--device", "cpu", "--batch-size", "4", "--workers", "1")
+    refused = offline(*common, check=False)
+    assert refused.returncode == 2 and "pass --labels FILE" in refused.stderr, refused.stderr
+    report = offline(*common, "--labels", labels_file(tmp_path), "--template", "a photo of a {}.", "--template", "a {}").stdout
+    assert report.startswith(f"batch bench: {len(pictures)} images from {pictures[0].parent}; open_clip:tiny-clip (tiny-clip) on cpu")
+    assert re.search(r"^  end to end +[0-9.]+ images/s", report, re.MULTILINE), report

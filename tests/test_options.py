@@ -54,6 +54,8 @@ BENCH = [
     (["--width", "90-130"], {"widths": (90, 130)}),
     (["--model", "resnet18"], {"model": "resnet18"}),
     (["--weights", "none"], {"weights": "none"}),
+    (["--labels", "names.txt"], {"labels_file": "names.txt"}),
+    (["--template", "a {}", "--template", "the {}"], {"templates": ("a {}", "the {}")}),
     (["--device", "cuda:5"], {"device": "cuda:5"}),
     (["--precision", "bf16"], {"precision": "bf16"}),
     (["--batch-size", "17"], {"batch_size": 17}),
