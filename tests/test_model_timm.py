@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from timm.data import create_transform, resolve_data_config
 from timm.models import save_for_hf
 
@@ -169,6 +170,23 @@ def test_a_training_checkpoint_loads_as_data_with_its_arguments_and_its_ema(pict
     refused = offline("classify", pictures[0].parent, "-o", tmp_path / "x", *common, "--weights", f"{alone}#ema",
                       check=False)  # fmt: skip
     assert refused.returncode == 2 and "holds no EMA weights" in refused.stderr
+
+
+def test_a_safetensors_checkpoint_with_an_architecture_name_gets_its_classes_from_its_head(vit, pictures, tmp_path):
+    """timm:ARCH --weights FILE.safetensors, its keys as distributed training saved them (`module.`): the head's
+    four rows ask for four labels (read from the file's header), and with them it classifies as timm does."""
+    folder, network = vit
+    state = load_file(folder / "model.safetensors")
+    save_file({f"module.{key}": value for key, value in state.items()}, tmp_path / "ddp.safetensors")
+    unnamed = offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", "timm:test_vit",
+                      "--weights", tmp_path / "ddp.safetensors", check=False)  # fmt: skip
+    assert unnamed.returncode == 2 and "timm:test_vit names no classes (4 outputs): pass --labels FILE" in unnamed.stderr, unnamed.stderr
+    four = tmp_path / "four.txt"
+    four.write_text("\n".join(LABELS))
+    offline("classify", pictures[0].parent, "-o", tmp_path / "out", "--model", "timm:test_vit", "--weights",
+            tmp_path / "ddp.safetensors", "--labels", four, "--resize", str(SIDE), "--crop", str(SIDE))  # fmt: skip
+    expected, _ = timm_top1(network, pictures)  # its saved config crops nothing: crop_pct 1
+    assert [by_name(read_rows(tmp_path / "out"))[path.name]["label"] for path in pictures] == [LABELS[i] for i in expected]
 
 
 def test_a_head_of_another_size_is_an_error_naming_the_keys(vit, pictures, tmp_path):
