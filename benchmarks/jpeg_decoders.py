@@ -4,13 +4,12 @@ torchvision's batched `decode_jpeg` (what batch/decode_device.py calls), TorchCo
 0.29 names as its decoders' successor; on a GPU it sends baseline JPEGs to the hardware JPEG engines of
 an A100 or H100 and the rest to nvJPEG on CUDA) and NVIDIA's nvImageCodec (`nvidia-nvimgcodec-cu13`,
 over nvJPEG: with its own choice of backend, with CUDA alone, and with the H100's hardware JPEG engines
-alone) decode the same files in the same batches. For each it prints the
-rate, how far its pixels lie from libjpeg-turbo's (torchvision on the CPU), whether it turns a file
-upright by its EXIF orientation itself (decode_device.py turns pictures after torchvision's decoder,
-which leaves them as stored), and what it does with a batch that holds a cut-off file and one that is
-not a JPEG at all: refuse the whole batch (what decode_device.py then redoes file by file), or answer
-for each file. A decoder that is not installed
-or cannot use the device is reported and passed over.
+alone) decode the same files in the same batches. For each it prints the rate, how far its pixels lie
+from libjpeg-turbo's (torchvision on the CPU), whether it turns a file upright by its EXIF orientation
+itself (decode_device.py turns pictures after torchvision's decoder, which leaves them as stored), and
+what it does with a batch that holds a cut-off file and one that is not a JPEG at all: refuse the whole
+batch (what decode_device.py then redoes file by file), or answer for each file. A decoder that is not
+installed or cannot use the device is reported and passed over.
 
 Run as `python -m benchmarks.jpeg_decoders SOURCE... --device cuda [--batch-size 256] [--passes 3]`.
 """
