@@ -114,12 +114,16 @@ def load_fitting(network: torch.nn.Module, state: dict[str, Any], path: str, mod
     expected = network.state_dict()
     reshaped = [f"{key} {tuple(value.shape)}, {model} has {tuple(expected[key].shape)}" for key, value in state.items()
                 if key in expected and hasattr(value, "shape") and value.shape != expected[key].shape]  # fmt: skip
-    missing = unexpected = []
-    if not reshaped:
-        missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected or reshaped:
+    missing = unexpected = refused = []
+    try:
+        if not reshaped:
+            missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # what the keys do not show, a value that is not a tensor say: torch's lines
+        refused = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+    if missing or unexpected or reshaped or refused:
         found = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if keys]  # fmt: skip
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped),
+                                    ("refused", refused)) if keys]  # fmt: skip
         raise WeightsError(f"the weights in {path} do not fit {model} with {classes} classes "
                            f"(a head of another size needs --labels): {'; '.join(found)}")  # fmt: skip
 

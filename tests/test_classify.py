@@ -335,6 +335,10 @@ def test_a_state_dict_file_with_its_own_labels(photos, tmp_path):
                       tmp_path / "three.pth", check=False)  # fmt: skip
     assert wrong.returncode == 1 and "do not fit resnet18 with 1000 classes" in wrong.stderr
     assert "other shapes: fc.weight (3, 512), resnet18 has (1000, 512), fc.bias (3,), resnet18 has (1000,)" in wrong.stderr
+    torch.save({**resnet18().state_dict(), "fc.bias": "not a tensor"}, tmp_path / "odd.pth")
+    odd = run_batch("classify", photos, "-o", tmp_path / "odd", "--model", "resnet18", "--weights", tmp_path / "odd.pth",
+                    check=False)  # fmt: skip
+    assert odd.returncode == 1 and 'refused: While copying the parameter named "fc.bias"' in odd.stderr, odd.stderr
 
 
 def test_labels_of_another_length_than_the_weights_head_are_refused_before_any_image_is_read(photos, tmp_path):
