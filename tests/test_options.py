@@ -126,3 +126,14 @@ def test_without_options_the_runs_get_the_options_defaults(monkeypatch):
     assert run_classify(monkeypatch, []) == {**expected, "verbose": False}
     inputs = {"sources": (), "generate": 256, "widths": (500, 500)}
     assert run_bench(monkeypatch, []) == {**inputs, **top_level(BenchOptions())}
+
+
+def test_the_help_names_the_defaults_and_choices_the_model_modules_hold():
+    """cli.py imports the model modules only inside commands, to keep --help instant, so it writes out what
+    they hold: the activations, the interpolations and CLIP's default prompt are held equal to theirs here."""
+    from batch import decode, model_clip, models
+
+    options = {param.name: param for param in cli.classify.params}
+    assert tuple(options["activation"].type.choices) == models.ACTIVATIONS
+    assert set(options["interpolation"].type.choices) == set(decode.INTERPOLATIONS)
+    assert options["templates"].help.endswith(f"[default: {', '.join(map(repr, model_clip.DEFAULT_TEMPLATES))}]")
