@@ -24,7 +24,7 @@ from PIL import Image
 
 from batch.decode import Preprocess
 from batch.models import ModelError, ModelSpec, PreprocessOverrides, labels_of_length, require_extra
-from batch.weights import WeightsError, local_file
+from batch.weights import WeightsError, keys_listed, local_file
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,10 @@ def _build(spec: ModelSpec, _device: torch.device) -> torch.nn.Module:
     network, found = _load(folder, "its weights", lambda: AutoModelForImageClassification.from_pretrained(
         folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True))  # fmt: skip
     # mismatched shapes are let through the loader to be listed here with the rest, never kept re-initialised
-    problems = {what: found.get(key) for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
-                                                       ("other shapes", "mismatched_keys"))}  # fmt: skip
-    problems = {what: [_named(key) for key in keys] for what, keys in problems.items() if keys}
-    if problems:
-        listed = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" for what, keys in problems.items()]
-        raise WeightsError(f"the weights in {folder} do not fit {spec.name}: {'; '.join(listed)}")
+    listed = keys_listed({what: [_named(key) for key in found.get(key) or []] for what, key in (
+        ("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("other shapes", "mismatched_keys"))})
+    if listed:
+        raise WeightsError(f"the weights in {folder} do not fit {spec.name}: {listed}")
     return _Logits(network.float()).eval()
 
 

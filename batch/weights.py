@@ -120,12 +120,17 @@ def load_fitting(network: torch.nn.Module, state: dict[str, Any], path: str, mod
             missing, unexpected = network.load_state_dict(state, strict=False)
     except RuntimeError as error:  # what the keys do not show, a value that is not a tensor say: torch's lines
         refused = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
-    if missing or unexpected or reshaped or refused:
-        found = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped),
-                                    ("refused", refused)) if keys]  # fmt: skip
+    found = keys_listed({"missing": missing, "unexpected": unexpected, "other shapes": reshaped, "refused": refused})
+    if found:
         raise WeightsError(f"the weights in {path} do not fit {model} with {classes} classes "
-                           f"(a head of another size needs --labels): {'; '.join(found)}")  # fmt: skip
+                           f"(a head of another size needs --labels): {found}")  # fmt: skip
+
+
+def keys_listed(problems: dict[str, list[str]]) -> str:
+    """Weights' keys that do not fit, by what is wrong with them ('missing: a, b; other shapes: c'), up to
+    eight of each kind, so that one line in a job's log says whether the head or the architecture differs."""
+    return "; ".join(f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                     for what, keys in problems.items() if keys)  # fmt: skip
 
 
 def _torchvision_weights(model: str, name: str) -> Any:
