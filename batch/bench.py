@@ -30,7 +30,8 @@ from batch.environment import JobEnvironment
 from batch.devices import choose_device, choose_precision, probe
 from batch.inference import IN_FLIGHT, Classifier, Pending, Predictions
 from batch.paths import readable
-from batch.pipeline import ClassifyOptions, default_batch_size, execute, plan
+from batch.pipeline import execute
+from batch.plan import ClassifyOptions, default_batch_size, plan
 from batch.pool import Batch
 from batch.stopping import StopRequest
 from batch.weights import DEFAULT_WEIGHTS

@@ -100,7 +100,8 @@ def classify(sources: tuple[str, ...], output: str, model: str, weights: str, la
     from batch.environment import Shard
     from batch.manifest import ManifestError
     from batch.models import ModelError, PreprocessOverrides
-    from batch.pipeline import ClassifyOptions, execute, plan
+    from batch.pipeline import execute
+    from batch.plan import ClassifyOptions, plan
     from batch.weights import WeightsError
 
     if (num_shards is None) != (shard_index is None):
@@ -274,7 +275,8 @@ def bench(sources: tuple[str, ...], generate: int, widths: tuple[int, int], mode
     from pathlib import Path
 
     setup_logging(False)
-    logging.getLogger("batch.pipeline").setLevel(logging.WARNING)
+    for quiet in ("batch.plan", "batch.pipeline"):  # bench prints its own lines, not a run's
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     from batch import bench as measure
 
     options = measure.BenchOptions(

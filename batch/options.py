@@ -80,7 +80,7 @@ RETRY_KIND = click.option("--retry-kind", "retry_kinds", multiple=True, metavar=
 
 def retry_asked(retry_failed: bool, retry_kinds: tuple[str, ...]):  # -> RetryFailed | None, imported late
     """The RetryFailed that --retry-failed and --retry-kind ask for, or None."""
-    from batch.commit import RetryFailed
+    from batch.retry_failed import RetryFailed
 
     if retry_kinds and not retry_failed:
         raise click.UsageError("--retry-kind narrows --retry-failed: pass both")

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from batch import manifest as manifests
 from batch import spill, transient
-from batch.commit import RetryFailed, list_parts
+from batch.commit import list_parts
+from batch.retry_failed import RetryFailed
 from batch.spill import Budget
 from batch.writer import read_record
 

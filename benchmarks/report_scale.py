@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from batch import pipeline
+from batch.plan import ClassifyOptions, plan
 from batch.commit import part_name
 from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
@@ -38,9 +38,9 @@ def write_output(output: Path, rows: int, paths: Callable[[int, int], Sequence[s
     """ROWS made-up rows in OUTPUT, as the tasks of an array commit them; `paths(count, first)` names
     `count` rows from row `first` on."""
     output.mkdir(parents=True, exist_ok=True)
-    run = pipeline.plan(pipeline.ClassifyOptions(sources=(str(output),), output=str(output), model=MODEL[1],
-                                                 weights=MODEL[3], device="cpu", topk=TOPK),
-                        JobEnvironment({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4242"}))  # fmt: skip
+    run = plan(ClassifyOptions(sources=(str(output),), output=str(output), model=MODEL[1], weights=MODEL[3],
+                               device="cpu", topk=TOPK),
+               JobEnvironment({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4242"}))  # fmt: skip
     builder = RowBuilder(run.spec.labels, TOPK, embeddings=False)
     random = np.random.default_rng(seed)
     tasks = -(-rows // PART_ROWS)

@@ -37,7 +37,7 @@ from batch import manifest, models
 from batch.decode import Decoded
 from batch.environment import Shard
 from batch.inference import Predictions
-from batch.pipeline import identity
+from batch.plan import identity
 from batch.writer import ChunkWriter, RowBuilder
 
 MODEL = ("--model", "mobilenet_v3_small", "--weights", "none", "--workers", "1", "--device", "cpu")

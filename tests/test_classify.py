@@ -22,7 +22,7 @@ import torch
 from batch import pipeline
 from batch.commit import OutputDir
 from batch.environment import Shard
-from batch.pipeline import ClassifyOptions
+from batch.plan import ClassifyOptions
 from batch.stopping import StopRequest
 from batch.weights import sha256_of
 from batch.writer import read_record

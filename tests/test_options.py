@@ -11,11 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from batch import bench, cli, pipeline
+from batch import plan as planning
 from batch.bench import BenchOptions
-from batch.commit import RetryFailed
+from batch.retry_failed import RetryFailed
 from batch.environment import Shard
 from batch.models import PreprocessOverrides
-from batch.pipeline import ClassifyOptions
+from batch.plan import ClassifyOptions
 
 CLASSIFY_BASE = ["a.jpg", "b", "-o", "out"]
 CLASSIFY = [  # arguments beyond the base, and what they change
@@ -73,7 +74,7 @@ def run_classify(monkeypatch, arguments: list[str]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     monkeypatch.setattr(cli.StopRequest, "install", lambda self: self)
     monkeypatch.setattr(cli, "setup_logging", lambda verbose: seen.update(verbose=verbose))
-    monkeypatch.setattr(pipeline, "plan", lambda options, env: seen.update(top_level(options)))
+    monkeypatch.setattr(planning, "plan", lambda options, env: seen.update(top_level(options)))
     monkeypatch.setattr(pipeline, "execute", lambda run, stop: 0)
     result = CliRunner().invoke(cli.classify, [*CLASSIFY_BASE, *arguments])
     assert result.exit_code == 0, result.output

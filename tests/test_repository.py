@@ -153,9 +153,9 @@ def claims() -> list[tuple[str, object]]:
     """Each figure the README states about the code, as a template, and the code's own value for it."""
     import torch
 
-    from batch import containers, decode, manifest, paths, pipeline, report, spill, transient, writer
+    from batch import containers, decode, manifest, paths, pipeline, plan, report, spill, transient, writer
 
-    cpu, gpu = (pipeline.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
+    cpu, gpu = (plan.default_batch_size(torch.device(kind)) for kind in ("cpu", "cuda"))
     picture = 224 * 224 * 3  # bytes of one uint8 RGB picture at the default crop
     python = re.fullmatch(r">=3\.(\d+),<3\.(\d+)", re.search(r'requires-python = "(.+)"', (ROOT / "pyproject.toml").read_text())[1])
     return [
