@@ -19,11 +19,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from batch.plan import ClassifyOptions, plan
 from batch.commit import part_name
 from batch.decode import Decoded
 from batch.environment import JobEnvironment, Shard
 from batch.inference import Predictions
+from batch.plan import ClassifyOptions, plan
 from batch.writer import ChunkWriter, RowBuilder
 from benchmarks.scale import MODEL, TOPK, batch, made_up_paths, measure
 

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from batch import bench, cli, pipeline
 from batch import plan as planning
 from batch.bench import BenchOptions
-from batch.retry_failed import RetryFailed
 from batch.environment import Shard
 from batch.models import PreprocessOverrides
 from batch.plan import ClassifyOptions
+from batch.retry_failed import RetryFailed
 
 CLASSIFY_BASE = ["a.jpg", "b", "-o", "out"]
 CLASSIFY = [  # arguments beyond the base, and what they change
