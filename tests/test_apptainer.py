@@ -163,6 +163,7 @@ def test_submit_and_a_requeue_with_the_default_runtime(cluster, apptainer, sif, 
     array, summary = (re.search(rf"{kind} job:\s+(\d+)", said)[1] for kind in ("array", "summary"))
     wait_for_part(folder / "out", Shard(0, 2))
     cluster("scancel", "--signal=USR1", "--batch", f"{array}_0")
+    cluster.start_when_requeued(f"{array}_0")
     states = cluster.wait_until_done([f"{array}_0", f"{array}_1", summary])
     warned = (folder / f"classify-{array}_0.out").read_text()
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{warned}"

@@ -98,6 +98,8 @@ def test_a_requeued_task_and_a_warned_task_still_end_with_every_input_once(clust
     cluster("scontrol", "requeue", f"{array}_0")  # as an administrator or a preemption would
     wait_for_part(output, Shard(1, 3))
     cluster("scancel", "--signal=USR1", "--batch", f"{array}_1")  # what --signal=B:USR1@120 sends
+    for task in (0, 1):
+        cluster.start_when_requeued(f"{array}_{task}")
     states = cluster.wait_until_done([f"{array}_{task}" for task in range(3)])
     assert set(states.values()) == {"COMPLETED"}, states
     assert_every_input_once(output, inputs)
@@ -434,8 +436,10 @@ def test_two_tasks_get_usr1_through_srun_and_requeue_up_to_the_limit(cluster, tm
                  cwd=tmp_path, env=env)  # fmt: skip
     for run in (1, 2):
         for task in (0, 1):
-            wait_for_line(log, f"started {task}", count=run, limit=300)  # Slurm holds a requeued job a while
+            wait_for_line(log, f"started {task}", count=run)
         cluster("scancel", "--signal=USR1", "--batch", job)
+        if run == 1:
+            cluster.start_when_requeued(job)
     assert cluster.wait_until_done([job]) == {job: "FAILED"}
     said = (tmp_path / "log.out").read_text()
     assert log.read_text().splitlines().count("got USR1") == 4, log.read_text() + said
