@@ -25,7 +25,7 @@ from PIL import Image
 
 from batch import models, sources
 from batch.decode import Decoded, Preprocess, decode
-from batch.decode_device import DeviceDecoder
+from batch.decode_device import MISSING, DeviceDecoder
 from batch.environment import JobEnvironment
 from batch.devices import choose_device, choose_precision, probe
 from batch.inference import IN_FLIGHT, Classifier, Pending, Predictions
@@ -287,11 +287,13 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> It
         yield "stages, each alone:"
         read, (decoded, paths) = time_read(paths), time_decode(paths, spec)
         checked, left = time_check(paths, spec)
-        on_device = time_device_decode(left, spec, device, batch_size) if left else None
+        on_device = time_device_decode(left, spec, device, batch_size) if left and not MISSING else None
         model = time_model(classifier, spec, batch_size)
         for measure in (read, decoded, checked, on_device, model, time_write(spec, batch_size, folder)):
             if measure is not None:
                 yield measure.line()
+            if measure is checked and left and MISSING:
+                yield f"  {'decode+preprocess on device':<30} not measured: {MISSING}"
         yield "together, in this process (start-up excluded):"
         list_file = write_file_list(paths, folder / "files.txt")
         yield time_end_to_end(list_file, len(paths), options, folder / "end-to-end").line()

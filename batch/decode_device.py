@@ -14,6 +14,9 @@ decoder that crashes the process (a native fault, a CUDA error that poisons the 
 like any crash of the main process: what was committed stays, the chunk in hand is redone by the next
 run, and meets the same file; `--decode cpu` classifies that shard. torchvision's `decode_jpeg` on the
 CPU takes the same batched call, which is how the tests run this whole path without a GPU.
+
+torchvision deprecates its image decoders since 0.29 (TorchCodec's succeed them) and will drop them:
+a torchvision without `decode_jpeg` costs --decode gpu alone, which then says so, not the whole program.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional
 
@@ -33,6 +36,13 @@ from batch.decode import Decoded, Preprocess, decode_bytes
 from batch.pool import Batch
 
 log = logging.getLogger(__name__)
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    MISSING = ""
+except ImportError:
+    MISSING = f"torchvision {torchvision.__version__} has no decode_jpeg (deprecated since 0.29), which --decode gpu uses"
 
 CHOICES = ("cpu", "gpu", "auto")
 JPEG_BYTES_PER_FILE = 1 << 20  # room per picture of a batch for its JPEG; ImageNet's average 110 kB
@@ -72,9 +82,10 @@ def choose(asked: str, device: torch.device, preprocess: Preprocess) -> str:
     try:
         probe(device)
     except Exception as error:  # noqa: BLE001 - whatever the device's decoder raises, said once
+        why = MISSING or f"{device} cannot decode a JPEG ({type(error).__name__}: {error})"
         if asked == "gpu":
-            raise DecodeError(f"--decode gpu: {device} cannot decode a JPEG ({type(error).__name__}: {error})") from None
-        log.warning("--decode auto: the workers decode on the CPU, since %s cannot decode a JPEG (%s)", device, error)
+            raise DecodeError(f"--decode gpu: {why}; --decode cpu classifies without it") from None
+        log.warning("--decode auto: the workers decode on the CPU, since %s", why)
         return "cpu"
     if device.type != "cuda":
         log.warning("--decode gpu on %s: JPEGs are decoded by torchvision in the main process, one core", device)
@@ -84,7 +95,9 @@ def choose(asked: str, device: torch.device, preprocess: Preprocess) -> str:
 
 
 def probe(device: torch.device) -> None:
-    """Decode a small JPEG on `device`, so a missing nvJPEG is found before any work."""
+    """Decode a small JPEG on `device`, so a missing nvJPEG (or decode_jpeg) is found before any work."""
+    if MISSING:
+        raise ImportError(MISSING)
     encoded = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(encoded, "JPEG")
     decode_jpeg(torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8), device=device)

@@ -6,11 +6,14 @@ GPU (benchmarks/gpu-check.sh)."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torchvision.transforms.v2 import functional
 
 from batch.decode import Decoded, Preprocess, decode
@@ -117,6 +120,27 @@ def test_decoding_on_the_device_is_part_of_an_outputs_identity(tmp_path, photos)
     assert "nothing to classify" in again.stderr
     auto = run_batch("classify", photos, "-o", tmp_path / "auto", *FAST, "--decode", "auto")
     assert "--decode auto: the workers decode on the CPU (no GPU)" in auto.stderr
+
+
+# batch in a torchvision that has dropped its image decoders, as it says it will (deprecated since 0.29);
+# its transforms, which import them today, loaded first.
+WITHOUT_DECODE_JPEG = ("import torchvision.transforms.v2, torchvision.io as io; del io.decode_jpeg, io.ImageReadMode; "
+                       "from batch.cli import main; main()")  # fmt: skip
+
+
+def test_a_torchvision_without_decode_jpeg_costs_decode_gpu_alone(tmp_path, photos):
+    def batch(*args: object) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", WITHOUT_DECODE_JPEG, *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    done = batch("classify", photos, "-o", tmp_path / "out", *FAST)
+    assert done.returncode == 0 and len(read_rows(tmp_path / "out")) == 3, done.stderr
+    missing = f"torchvision {torchvision.__version__} has no decode_jpeg (deprecated since 0.29), which --decode gpu uses"
+    refused = batch("classify", photos, "-o", tmp_path / "gpu", *FAST, "--decode", "gpu")
+    assert refused.returncode == 2 and f"--decode gpu: {missing}; --decode cpu classifies without it" in refused.stderr
+    bench = batch("bench", photos, *FAST, "--workers", "1")
+    assert bench.returncode == 0 and f"left to the device\n  decode+preprocess on device    not measured: {missing}\n" in bench.stdout, bench.stderr
+    assert "end to end, --decode gpu" not in bench.stdout
 
 
 def test_a_batch_of_camera_pictures_is_decoded_in_parts_that_fit_the_device():
