@@ -41,6 +41,7 @@ MIN_SECONDS = 2.0  # repeat the synthetic stages at least this long
 ANY_SIZE = 1 << 30  # room for a JPEG of any size, when only the speed of checking it is asked
 SENSOR_NOISE = 4.0  # standard deviation, 0-255 scale: gives generated JPEGs a camera's file size
 JPEG_QUALITY = 90
+ON_DEVICE = "decode+preprocess on device"  # its stage, measured or said to be out of reach
 
 # A picture's number, its size, and its own random streams -> the scene to save at that size.
 Scene = Callable[[int, tuple[int, int], random.Random, np.random.Generator], Image.Image]
@@ -189,7 +190,7 @@ def time_device_decode(left: Sequence[Decoded], spec: models.ModelSpec, device: 
             torch.cuda.synchronize(device)
 
     items, seconds = _repeat(all_batches, finish)
-    return Measure("decode+preprocess on device", items, seconds, f"{device}, torchvision decode_jpeg, batch {batch_size}")
+    return Measure(ON_DEVICE, items, seconds, f"{device}, torchvision decode_jpeg, batch {batch_size}")
 
 
 def _repeat(work: Callable[[], int], finish: Callable[[], object] = lambda: None) -> tuple[int, float]:
@@ -293,7 +294,7 @@ def run(paths: Sequence[str], options: BenchOptions, describe_inputs: str) -> It
             if measure is not None:
                 yield measure.line()
             if measure is checked and left and MISSING:
-                yield f"  {'decode+preprocess on device':<30} not measured: {MISSING}"
+                yield f"  {ON_DEVICE:<30} not measured: {MISSING}"
         yield "together, in this process (start-up excluded):"
         list_file = write_file_list(paths, folder / "files.txt")
         yield time_end_to_end(list_file, len(paths), options, folder / "end-to-end").line()
